@@ -1,0 +1,472 @@
+// The only reader of the config file and of process.env. Everything is parsed and validated
+// here, at start, every problem reported at once by its path in the file; the result is frozen.
+import { readFileSync } from 'node:fs';
+import { isAbsolute, resolve } from 'node:path';
+import { parseDocument } from 'yaml';
+import { ConfigError, type ConfigProblem } from './errors.ts';
+
+export type ClientAuth = 'client_secret_post' | 'client_secret_basic';
+export type OnFailure = 'deny' | 'allow';
+export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
+
+/** A value that may come from a file and is read again each time it is used (rotated Secrets). */
+export interface SecretValue {
+  read(): string;
+}
+
+export interface RefreshConfig {
+  /** Refresh when this share of the lifetime has passed, unless the IdP sent `refresh_in`. */
+  readonly share: number;
+  /** Random spread added to/subtracted from the refresh moment, as a share of the lifetime. */
+  readonly jitter: number;
+  /** A token is never used within this many seconds of its expiry. */
+  readonly marginSeconds: number;
+  /** First retry delay after a failed fetch; doubles on each failure, with jitter. */
+  readonly minBackoffSeconds: number;
+  /** Upper bound of the retry delay. */
+  readonly maxBackoffSeconds: number;
+}
+
+export interface ProfileConfig {
+  readonly name: string;
+  readonly tokenUrl: string;
+  readonly clientId: SecretValue;
+  readonly clientSecret: SecretValue;
+  readonly clientAuth: ClientAuth;
+  readonly scope: string | undefined;
+  readonly resource: string | undefined;
+  readonly audience: string | undefined;
+  /** Extra form parameters sent with every token request. */
+  readonly extraParams: Readonly<Record<string, string>>;
+  readonly timeoutMs: number;
+  /** Lower-case name of the header that receives `<token_type> <access_token>`. */
+  readonly header: string;
+  /** Lower-case names removed from every request: the subscription key plus the configured extras. */
+  readonly removeHeaders: readonly string[];
+  readonly onFailure: OnFailure;
+  /** HTTP status of the deny answer when no token is usable. */
+  readonly failureStatus: number;
+  readonly refresh: RefreshConfig;
+}
+
+export interface ServerConfig {
+  /** `host:port` or `unix:/path`. */
+  readonly grpc: string;
+  /** `host:port` for /healthz, /readyz, /metrics. */
+  readonly admin: string;
+  /** Seconds in-flight streams get to finish after SIGTERM. */
+  readonly shutdownGraceSeconds: number;
+}
+
+export interface Config {
+  readonly server: ServerConfig;
+  readonly logging: { readonly level: LogLevel };
+  readonly profiles: Readonly<Record<string, ProfileConfig>>;
+}
+
+export const DEFAULT_PROFILE = 'default';
+export const SUBSCRIPTION_KEY_HEADER = 'ocp-apim-subscription-key';
+/** The statuses the deny answer may carry (proto/envoy/type/v3/http_status.proto lists the same). */
+export const FAILURE_STATUSES = [401, 403, 429, 500, 502, 503, 504] as const;
+
+const LOG_LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
+// RFC 7230 token characters: what Envoy accepts as a header name.
+const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9a-z]+$/;
+const RESERVED_FORM_PARAMS = new Set(['grant_type', 'client_id', 'client_secret', 'client_assertion', 'client_assertion_type', 'scope', 'resource', 'audience']);
+
+export interface LoadOptions {
+  env?: NodeJS.ProcessEnv;
+  /** Relative `${file:…}` paths resolve against this folder (the config file's by default). */
+  baseDir?: string;
+}
+
+/** Reads and validates a config file. Throws ConfigError listing every problem. */
+export function loadConfig(file: string, options: LoadOptions = {}): Config {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError([{ path: file, message: `cannot read the config file (${(err as NodeJS.ErrnoException).code ?? 'error'})` }]);
+  }
+  return parseConfig(text, { env: options.env ?? process.env, baseDir: options.baseDir ?? resolve(file, '..') });
+}
+
+export function parseConfig(text: string, options: LoadOptions = {}): Config {
+  const problems: ConfigProblem[] = [];
+  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false });
+  for (const e of doc.errors) problems.push({ path: `line ${e.linePos?.[0]?.line ?? '?'}`, message: `YAML: ${e.message.split('\n')[0]}` });
+  if (problems.length > 0) throw new ConfigError(problems);
+
+  const v = new Validator(problems, options.env ?? process.env, options.baseDir ?? process.cwd());
+  const root = v.object(doc.toJS(), '', ['server', 'logging', 'profiles']);
+
+  const server = v.object(root?.server, 'server', ['grpc', 'admin', 'shutdownGraceSeconds']);
+  const grpc = v.string(server?.grpc, 'server.grpc', { default: '127.0.0.1:9001' });
+  const admin = v.string(server?.admin, 'server.admin', { default: '127.0.0.1:9002' });
+  if (grpc !== undefined) v.address(grpc, 'server.grpc', true);
+  if (admin !== undefined) v.address(admin, 'server.admin', false);
+  const serverConfig: ServerConfig = {
+    grpc: grpc ?? '',
+    admin: admin ?? '',
+    shutdownGraceSeconds: v.number(server?.shutdownGraceSeconds, 'server.shutdownGraceSeconds', { default: 10, min: 0, max: 3600 }),
+  };
+
+  const logging = v.object(root?.logging, 'logging', ['level']);
+  const level = v.string(logging?.level, 'logging.level', { default: 'info' });
+  if (level !== undefined && !LOG_LEVELS.includes(level as LogLevel)) {
+    problems.push({ path: 'logging.level', message: `must be one of ${LOG_LEVELS.join(', ')}` });
+  }
+
+  const profiles: Record<string, ProfileConfig> = {};
+  const rawProfiles = root?.profiles;
+  if (rawProfiles === undefined || rawProfiles === null) {
+    problems.push({ path: 'profiles', message: 'required: at least one profile' });
+  } else if (!isPlainObject(rawProfiles)) {
+    problems.push({ path: 'profiles', message: 'must be a mapping of profile names to profiles' });
+  } else if (Object.keys(rawProfiles).length === 0) {
+    problems.push({ path: 'profiles', message: 'required: at least one profile' });
+  } else {
+    for (const [name, raw] of Object.entries(rawProfiles)) {
+      if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) {
+        problems.push({ path: `profiles.${name}`, message: 'a profile name uses letters, digits, ".", "_" and "-"' });
+      }
+      const profile = parseProfile(v, name, raw);
+      if (profile !== undefined) profiles[name] = profile;
+    }
+  }
+
+  if (problems.length > 0) throw new ConfigError(problems);
+  return deepFreeze({ server: serverConfig, logging: { level: level as LogLevel }, profiles });
+}
+
+function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig | undefined {
+  const at = `profiles.${name}`;
+  const p = v.object(raw, at, [
+    'tokenUrl', 'clientId', 'clientSecret', 'clientAuth', 'scope', 'resource', 'audience', 'extraParams',
+    'timeoutSeconds', 'header', 'subscriptionKeyHeader', 'removeHeaders', 'onFailure', 'failureStatus', 'refresh',
+  ], true);
+  if (p === undefined) return undefined;
+
+  const tokenUrl = v.string(p.tokenUrl, `${at}.tokenUrl`, { required: true });
+  if (tokenUrl !== undefined) v.url(tokenUrl, `${at}.tokenUrl`);
+  const clientId = v.secret(p.clientId, `${at}.clientId`);
+  const clientSecret = v.secret(p.clientSecret, `${at}.clientSecret`);
+  const clientAuth = v.oneOf(p.clientAuth, `${at}.clientAuth`, ['client_secret_post', 'client_secret_basic'], 'client_secret_post');
+  const scope = v.string(p.scope, `${at}.scope`);
+  const resource = v.string(p.resource, `${at}.resource`);
+  const audience = v.string(p.audience, `${at}.audience`);
+
+  const extraParams: Record<string, string> = {};
+  const rawExtra = v.object(p.extraParams, `${at}.extraParams`, null);
+  for (const [key, value] of Object.entries(rawExtra ?? {})) {
+    const path = `${at}.extraParams.${key}`;
+    if (RESERVED_FORM_PARAMS.has(key)) {
+      v.problem(path, `"${key}" is set by the sidecar; use the profile's own key for it`);
+      continue;
+    }
+    const s = v.string(typeof value === 'number' || typeof value === 'boolean' ? String(value) : value, path, { required: true });
+    if (s !== undefined) extraParams[key] = s;
+  }
+
+  const header = v.headerName(p.header, `${at}.header`, 'authorization');
+  const subscriptionKey = v.headerName(p.subscriptionKeyHeader, `${at}.subscriptionKeyHeader`, SUBSCRIPTION_KEY_HEADER);
+  const removeHeaders = new Set<string>([subscriptionKey]);
+  if (p.removeHeaders !== undefined && p.removeHeaders !== null) {
+    if (!Array.isArray(p.removeHeaders)) {
+      v.problem(`${at}.removeHeaders`, 'must be a list of header names');
+    } else {
+      p.removeHeaders.forEach((h: unknown, i: number) => {
+        const name = v.headerName(h, `${at}.removeHeaders[${i}]`, undefined);
+        if (name === undefined) return;
+        if (name.startsWith(':') || name === 'host') v.problem(`${at}.removeHeaders[${i}]`, 'Envoy never lets a processor remove pseudo-headers or host');
+        else if (name === header) v.problem(`${at}.removeHeaders[${i}]`, `"${name}" is the header the token is injected into`);
+        else removeHeaders.add(name);
+      });
+    }
+  }
+
+  const onFailure = v.oneOf(p.onFailure, `${at}.onFailure`, ['deny', 'allow'], 'deny');
+  const failureStatus = v.number(p.failureStatus, `${at}.failureStatus`, { default: 503, integer: true });
+  if (!(FAILURE_STATUSES as readonly number[]).includes(failureStatus)) {
+    v.problem(`${at}.failureStatus`, `must be one of ${FAILURE_STATUSES.join(', ')}`);
+  }
+
+  const r = v.object(p.refresh, `${at}.refresh`, ['share', 'jitter', 'marginSeconds', 'minBackoffSeconds', 'maxBackoffSeconds']);
+  const refresh: RefreshConfig = {
+    share: v.number(r?.share, `${at}.refresh.share`, { default: 0.5, min: 0.05, max: 0.95 }),
+    jitter: v.number(r?.jitter, `${at}.refresh.jitter`, { default: 0.05, min: 0, max: 0.25 }),
+    marginSeconds: v.number(r?.marginSeconds, `${at}.refresh.marginSeconds`, { default: 30, min: 0, max: 3600 }),
+    minBackoffSeconds: v.number(r?.minBackoffSeconds, `${at}.refresh.minBackoffSeconds`, { default: 1, min: 0.05, max: 3600 }),
+    maxBackoffSeconds: v.number(r?.maxBackoffSeconds, `${at}.refresh.maxBackoffSeconds`, { default: 60, min: 0.05, max: 3600 }),
+  };
+  if (refresh.maxBackoffSeconds < refresh.minBackoffSeconds) {
+    v.problem(`${at}.refresh.maxBackoffSeconds`, 'must not be smaller than minBackoffSeconds');
+  }
+
+  return {
+    name,
+    tokenUrl: tokenUrl ?? '',
+    clientId: clientId ?? emptySecret,
+    clientSecret: clientSecret ?? emptySecret,
+    clientAuth,
+    scope,
+    resource,
+    audience,
+    extraParams,
+    timeoutMs: Math.round(v.number(p.timeoutSeconds, `${at}.timeoutSeconds`, { default: 20, min: 0.1, max: 300 }) * 1000),
+    header: header ?? 'authorization',
+    removeHeaders: [...removeHeaders],
+    onFailure,
+    failureStatus,
+    refresh,
+  };
+}
+
+const emptySecret: SecretValue = { read: () => '' };
+
+type Template = Array<{ literal: string } | { env: string } | { file: string }>;
+
+class Validator {
+  constructor(
+    private readonly problems: ConfigProblem[],
+    private readonly env: NodeJS.ProcessEnv,
+    private readonly baseDir: string,
+  ) {}
+
+  problem(path: string, message: string): void {
+    this.problems.push({ path, message });
+  }
+
+  /** A mapping; keys outside `allowed` are errors (null allows any key). */
+  object(value: unknown, path: string, allowed: readonly string[] | null, required = false): Record<string, any> | undefined {
+    if (value === undefined || value === null) {
+      if (required) this.problem(path || '(root)', 'required');
+      return undefined;
+    }
+    if (!isPlainObject(value)) {
+      this.problem(path || '(root)', 'must be a mapping');
+      return undefined;
+    }
+    if (allowed !== null) {
+      for (const key of Object.keys(value)) {
+        if (!allowed.includes(key)) {
+          const hint = closest(key, allowed);
+          this.problem(path ? `${path}.${key}` : key, `unknown key${hint ? ` (did you mean "${hint}"?)` : ''}`);
+        }
+      }
+    }
+    return value;
+  }
+
+  /** A string with `${VAR}` and `${file:PATH}` expanded once, now. */
+  string(value: unknown, path: string, opts: { required?: boolean; default?: string } = {}): string | undefined {
+    const template = this.template(value, path, opts.required === true);
+    if (template === undefined) return opts.default;
+    const out = this.expand(template, path);
+    if (out === undefined) return undefined;
+    if (out === '' && opts.required) {
+      this.problem(path, 'required (it is empty)');
+      return undefined;
+    }
+    return out;
+  }
+
+  /** Like string(), but `${file:…}` parts are read again at each use. Checked readable now. */
+  secret(value: unknown, path: string): SecretValue | undefined {
+    const template = this.template(value, path, true);
+    if (template === undefined) return undefined;
+    const now = this.expand(template, path);
+    if (now === undefined) return undefined;
+    if (now === '') {
+      this.problem(path, 'required (it is empty)');
+      return undefined;
+    }
+    if (!template.some((part) => 'file' in part)) return { read: () => now };
+    const baseDir = this.baseDir;
+    const env = this.env;
+    return {
+      // Re-read so a rotated Kubernetes Secret is picked up by the next token fetch.
+      read: () => template.map((part) => ('literal' in part ? part.literal : 'env' in part ? env[part.env] ?? '' : readSecretFile(part.file, baseDir))).join(''),
+    };
+  }
+
+  number(value: unknown, path: string, opts: { default: number; min?: number; max?: number; integer?: boolean }): number {
+    if (value === undefined || value === null) return opts.default;
+    const n = typeof value === 'string' && value.trim() !== '' ? Number(this.expand(this.template(value, path, false) ?? [], path)) : value;
+    if (typeof n !== 'number' || !Number.isFinite(n)) {
+      this.problem(path, 'must be a number');
+      return opts.default;
+    }
+    if (opts.integer && !Number.isInteger(n)) this.problem(path, 'must be a whole number');
+    else if (opts.min !== undefined && n < opts.min) this.problem(path, `must be at least ${opts.min}`);
+    else if (opts.max !== undefined && n > opts.max) this.problem(path, `must be at most ${opts.max}`);
+    return n;
+  }
+
+  oneOf<T extends string>(value: unknown, path: string, allowed: readonly T[], fallback: T): T {
+    const s = this.string(value, path);
+    if (s === undefined) return fallback;
+    if (!allowed.includes(s as T)) {
+      this.problem(path, `must be one of ${allowed.join(', ')}`);
+      return fallback;
+    }
+    return s as T;
+  }
+
+  headerName(value: unknown, path: string, fallback: string | undefined): string | undefined {
+    const s = this.string(value, path);
+    if (s === undefined) return fallback;
+    const lower = s.toLowerCase();
+    if (!HEADER_NAME.test(lower.replace(/^:/, ''))) {
+      this.problem(path, 'is not a valid HTTP header name');
+      return fallback;
+    }
+    return lower;
+  }
+
+  url(value: string, path: string): void {
+    let u: URL;
+    try {
+      u = new URL(value);
+    } catch {
+      this.problem(path, 'must be an absolute http(s) URL');
+      return;
+    }
+    if (u.protocol !== 'https:' && u.protocol !== 'http:') this.problem(path, 'must be an absolute http(s) URL');
+    else if (u.username || u.password) this.problem(path, 'must not carry credentials; use clientId and clientSecret');
+  }
+
+  address(value: string, path: string, unixAllowed: boolean): void {
+    if (value.startsWith('unix:')) {
+      if (!unixAllowed) this.problem(path, 'must be host:port');
+      else if (value.length <= 'unix:'.length) this.problem(path, 'unix: needs a socket path');
+      return;
+    }
+    const m = /^(\[[0-9a-fA-F:]+\]|[^:\s]+):(\d{1,5})$/.exec(value);
+    if (!m || Number(m[2]) > 65535) this.problem(path, `must be host:port${unixAllowed ? ' or unix:/path/to.sock' : ''}`);
+  }
+
+  private template(value: unknown, path: string, required: boolean): Template | undefined {
+    if (value === undefined || value === null) {
+      if (required) this.problem(path, 'required');
+      return undefined;
+    }
+    if (typeof value === 'number' || typeof value === 'boolean') value = String(value);
+    if (typeof value !== 'string') {
+      this.problem(path, 'must be a string');
+      return undefined;
+    }
+    const parts: Template = [];
+    const re = /\$\{([^}]*)\}/g;
+    let last = 0;
+    for (let m = re.exec(value); m !== null; m = re.exec(value)) {
+      if (m.index > last) parts.push({ literal: value.slice(last, m.index) });
+      const ref = m[1] ?? '';
+      if (ref.startsWith('file:')) {
+        const file = ref.slice('file:'.length);
+        if (file === '') this.problem(path, '${file:} needs a path');
+        else parts.push({ file });
+      } else if (/^[A-Za-z_][A-Za-z0-9_]*$/.test(ref)) {
+        parts.push({ env: ref });
+      } else {
+        this.problem(path, `\${${ref}} is neither \${NAME} (environment) nor \${file:PATH}`);
+      }
+      last = m.index + m[0].length;
+    }
+    if (last < value.length) parts.push({ literal: value.slice(last) });
+    return parts;
+  }
+
+  private expand(template: Template, path: string): string | undefined {
+    let ok = true;
+    const out = template.map((part) => {
+      if ('literal' in part) return part.literal;
+      if ('env' in part) {
+        const val = this.env[part.env];
+        if (val === undefined) {
+          this.problem(path, `environment variable ${part.env} is not set`);
+          ok = false;
+          return '';
+        }
+        return val;
+      }
+      try {
+        return readSecretFile(part.file, this.baseDir);
+      } catch (err) {
+        this.problem(path, `cannot read file ${part.file} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+        ok = false;
+        return '';
+      }
+    }).join('');
+    return ok ? out : undefined;
+  }
+}
+
+/** Secret files (Kubernetes, docker) usually end with a newline that is not part of the secret. */
+function readSecretFile(file: string, baseDir: string): string {
+  return readFileSync(isAbsolute(file) ? file : resolve(baseDir, file), 'utf8').replace(/\r?\n$/, '');
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/** The allowed key nearest to a typo, if it is near enough to be a likely meaning. */
+function closest(key: string, allowed: readonly string[]): string | undefined {
+  let best: string | undefined;
+  let bestDistance = Math.max(2, Math.floor(key.length / 3)) + 1;
+  for (const candidate of allowed) {
+    const d = editDistance(key.toLowerCase(), candidate.toLowerCase());
+    if (d < bestDistance) {
+      best = candidate;
+      bestDistance = d;
+    }
+  }
+  return best;
+}
+
+function editDistance(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, i) => i);
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++) {
+      cur[j] = Math.min((prev[j] ?? 0) + 1, (cur[j - 1] ?? 0) + 1, (prev[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    prev = cur;
+  }
+  return prev[b.length] ?? 0;
+}
+
+function deepFreeze<T>(value: T): T {
+  if (typeof value === 'object' && value !== null && !Object.isFrozen(value)) {
+    Object.freeze(value);
+    for (const v of Object.values(value)) deepFreeze(v);
+  }
+  return value;
+}
+
+/** What `check-config` prints: every setting, no secret. */
+export function describeConfig(config: Config): string {
+  const lines = [
+    `server.grpc: ${config.server.grpc}`,
+    `server.admin: ${config.server.admin}`,
+    `logging.level: ${config.logging.level}`,
+  ];
+  for (const p of Object.values(config.profiles)) {
+    lines.push(`profile ${p.name}:`);
+    lines.push(`  tokenUrl: ${p.tokenUrl}`);
+    lines.push(`  clientAuth: ${p.clientAuth}`);
+    lines.push(`  clientSecret: (set, ${p.clientSecret.read().length} characters)`);
+    if (p.scope !== undefined) lines.push(`  scope: ${p.scope}`);
+    if (p.resource !== undefined) lines.push(`  resource: ${p.resource}`);
+    if (p.audience !== undefined) lines.push(`  audience: ${p.audience}`);
+    const extras = Object.keys(p.extraParams);
+    if (extras.length > 0) lines.push(`  extraParams: ${extras.join(', ')} (values hidden)`);
+    lines.push(`  inject: ${p.header}`);
+    lines.push(`  remove: ${p.removeHeaders.join(', ')}`);
+    lines.push(`  onFailure: ${p.onFailure}${p.onFailure === 'deny' ? ` (HTTP ${p.failureStatus})` : ''}`);
+    lines.push(`  timeoutSeconds: ${p.timeoutMs / 1000}`);
+    lines.push(`  refresh: at ${p.refresh.share} of the lifetime (±${p.refresh.jitter}), margin ${p.refresh.marginSeconds}s, backoff ${p.refresh.minBackoffSeconds}s..${p.refresh.maxBackoffSeconds}s`);
+  }
+  return lines.join('\n');
+}

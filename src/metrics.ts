@@ -1,0 +1,52 @@
+// Prometheus metrics on a registry of our own (never prom-client's global one), so tests and
+// several servers in one process do not share counters. Labels never carry a secret or a token:
+// only profile names (from the config) and fixed outcome words.
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+export type RequestOutcome = 'injected' | 'denied' | 'allowed_without_token' | 'unknown_profile' | 'passthrough';
+export type FetchResult = 'success' | 'error';
+
+export class Metrics {
+  readonly registry: Registry;
+  readonly requests: Counter<'profile' | 'outcome'>;
+  readonly tokenFetches: Counter<'profile' | 'result' | 'code'>;
+  readonly tokenFetchSeconds: Histogram<'profile'>;
+  readonly tokenExpirySeconds: Gauge<'profile'>;
+  readonly openStreams: Gauge;
+
+  constructor(options: { registry?: Registry; defaultMetrics?: boolean } = {}) {
+    this.registry = options.registry ?? new Registry();
+    const registers = [this.registry];
+    if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'oauth2_extproc_' });
+    this.requests = new Counter({
+      name: 'oauth2_extproc_requests_total',
+      help: 'request_headers messages answered, by profile and outcome',
+      labelNames: ['profile', 'outcome'],
+      registers,
+    });
+    this.tokenFetches = new Counter({
+      name: 'oauth2_extproc_token_fetches_total',
+      help: 'Token endpoint requests, by profile and result (code is the error code, "" on success)',
+      labelNames: ['profile', 'result', 'code'],
+      registers,
+    });
+    this.tokenFetchSeconds = new Histogram({
+      name: 'oauth2_extproc_token_fetch_duration_seconds',
+      help: 'Token endpoint request latency',
+      labelNames: ['profile'],
+      buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20],
+      registers,
+    });
+    this.tokenExpirySeconds = new Gauge({
+      name: 'oauth2_extproc_token_expiry_seconds',
+      help: 'Seconds until the cached token of a profile expires (negative or absent: no token)',
+      labelNames: ['profile'],
+      registers,
+    });
+    this.openStreams = new Gauge({
+      name: 'oauth2_extproc_open_streams',
+      help: 'ext_proc streams currently open',
+      registers,
+    });
+  }
+}
