@@ -63,10 +63,12 @@ export class TokenEndpointError extends TokenFetchError {
 
   constructor(
     status: number,
-    details: { error?: string; errorDescription?: string; retryAfterSeconds?: number },
+    details: { error?: string; errorDescription?: string; retryAfterSeconds?: number; bodySnippet?: string },
   ) {
+    // bodySnippet: a short, sanitized start of a body that is not an OAuth2 error (e.g. an HTML
+    // page from a proxy), so the log says what answered. Only ever from a non-2xx answer.
     const what = details.error === undefined
-      ? 'no OAuth2 error body'
+      ? details.bodySnippet === undefined ? 'no OAuth2 error body' : `no OAuth2 error body; ${details.bodySnippet}`
       : details.errorDescription === undefined
         ? `error=${details.error}`
         : `error=${details.error}: ${details.errorDescription}`;
@@ -82,9 +84,15 @@ export class TokenEndpointError extends TokenFetchError {
 
 /** A 2xx answer that is not a usable token response (not JSON, no access_token, bad expires_in). */
 export class TokenResponseError extends TokenFetchError {
-  constructor(message: string, options?: { cause?: unknown }) {
+  /** Set when a 2xx body nevertheless carries an OAuth2 `error` (some IdPs answer 200 with one). */
+  readonly oauthError: string | undefined;
+  readonly oauthErrorDescription: string | undefined;
+
+  constructor(message: string, options?: { cause?: unknown; oauthError?: string; oauthErrorDescription?: string }) {
     super('OAUTH2_ERR_TOKEN_RESPONSE', message, options);
     this.name = 'TokenResponseError';
+    this.oauthError = options?.oauthError;
+    this.oauthErrorDescription = options?.oauthErrorDescription;
   }
 }
 
