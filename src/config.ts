@@ -170,7 +170,9 @@ function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig |
 
   const header = v.headerName(p.header, `${at}.header`, 'authorization');
   const subscriptionKey = v.headerName(p.subscriptionKeyHeader, `${at}.subscriptionKeyHeader`, SUBSCRIPTION_KEY_HEADER);
-  const removeHeaders = new Set<string>([subscriptionKey]);
+  const removeHeaders = new Set<string>([subscriptionKey ?? SUBSCRIPTION_KEY_HEADER]);
+  // A caller's Authorization must never reach the backend, even when the token goes elsewhere.
+  if (header !== undefined && header !== 'authorization') removeHeaders.add('authorization');
   if (p.removeHeaders !== undefined && p.removeHeaders !== null) {
     if (!Array.isArray(p.removeHeaders)) {
       v.problem(`${at}.removeHeaders`, 'must be a list of header names');
@@ -227,11 +229,15 @@ const emptySecret: SecretValue = { read: () => '' };
 type Template = Array<{ literal: string } | { env: string } | { file: string }>;
 
 class Validator {
-  constructor(
-    private readonly problems: ConfigProblem[],
-    private readonly env: NodeJS.ProcessEnv,
-    private readonly baseDir: string,
-  ) {}
+  private readonly problems: ConfigProblem[];
+  private readonly env: NodeJS.ProcessEnv;
+  private readonly baseDir: string;
+
+  constructor(problems: ConfigProblem[], env: NodeJS.ProcessEnv, baseDir: string) {
+    this.problems = problems;
+    this.env = env;
+    this.baseDir = baseDir;
+  }
 
   problem(path: string, message: string): void {
     this.problems.push({ path, message });

@@ -13,8 +13,11 @@ export class Metrics {
   readonly tokenFetchSeconds: Histogram<'profile'>;
   readonly tokenExpirySeconds: Gauge<'profile'>;
   readonly openStreams: Gauge;
+  private openStreamsSource: () => number = () => 0;
+  private expirySources = new Map<string, () => number | undefined>();
 
   constructor(options: { registry?: Registry; defaultMetrics?: boolean } = {}) {
+    const self = this;
     this.registry = options.registry ?? new Registry();
     const registers = [this.registry];
     if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'oauth2_extproc_' });
@@ -39,14 +42,35 @@ export class Metrics {
     });
     this.tokenExpirySeconds = new Gauge({
       name: 'oauth2_extproc_token_expiry_seconds',
-      help: 'Seconds until the cached token of a profile expires (negative or absent: no token)',
+      help: 'Seconds until the cached token of a profile expires (absent: no token)',
       labelNames: ['profile'],
       registers,
+      collect() {
+        this.reset();
+        for (const [profile, source] of self.expirySources) {
+          const seconds = source();
+          if (seconds !== undefined) this.set({ profile }, Math.round(seconds));
+        }
+      },
     });
     this.openStreams = new Gauge({
       name: 'oauth2_extproc_open_streams',
       help: 'ext_proc streams currently open',
       registers,
+      collect() {
+        this.set(self.openStreamsSource());
+      },
     });
+
+  }
+
+  /** Open streams are read from the handler when scraped, not counted through prom-client. */
+  observeOpenStreams(source: () => number): void {
+    this.openStreamsSource = source;
+  }
+
+  /** Seconds to expiry of a profile's token, read when scraped; undefined = no token. */
+  observeTokenExpiry(profile: string, source: () => number | undefined): void {
+    this.expirySources.set(profile, source);
   }
 }

@@ -1,0 +1,192 @@
+// The command line: run the sidecar, check a config, or fetch one token for debugging.
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { describeConfig, loadConfig, type Config } from './config.ts';
+import { ConfigError, describeError, TokenEndpointError, TokenFetchError } from './errors.ts';
+import { createLogger } from './logger.ts';
+import { Sidecar } from './server.ts';
+import { TokenSource } from './token-source.ts';
+
+export interface Io {
+  out(text: string): void;
+  err(text: string): void;
+}
+
+const processIo: Io = {
+  out: (text) => process.stdout.write(`${text}\n`),
+  err: (text) => process.stderr.write(`${text}\n`),
+};
+
+const USAGE = `Usage:
+  oauth2-extproc --config FILE                 run the ext_proc sidecar
+  oauth2-extproc check-config --config FILE    validate FILE and print a summary (no secrets)
+  oauth2-extproc token --config FILE [--profile NAME]
+                                               fetch one token and describe it (never prints it)
+  oauth2-extproc --help | --version
+
+The config file is YAML; see the README for every key. \${VAR} reads the environment,
+\${file:PATH} reads a file.`;
+
+export function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
+/** Returns the exit code for one-shot commands; for `run` it resolves once the server is up (undefined). */
+export async function main(argv: readonly string[], io: Io = processIo): Promise<number | undefined> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: [...argv],
+      allowPositionals: true,
+      options: {
+        config: { type: 'string', short: 'c' },
+        profile: { type: 'string', short: 'p' },
+        help: { type: 'boolean', short: 'h' },
+        version: { type: 'boolean', short: 'v' },
+      },
+    });
+  } catch (err) {
+    io.err(`oauth2-extproc: ${(err as Error).message}\n\n${USAGE}`);
+    return 2;
+  }
+  const { values, positionals } = parsed;
+  if (values.help) {
+    io.out(USAGE);
+    return 0;
+  }
+  if (values.version) {
+    io.out(version());
+    return 0;
+  }
+  const command = positionals[0] ?? 'run';
+  if (positionals.length > 1 || !['run', 'check-config', 'token'].includes(command)) {
+    io.err(`oauth2-extproc: unknown command "${positionals.join(' ')}"\n\n${USAGE}`);
+    return 2;
+  }
+  if (values.config === undefined) {
+    io.err(`oauth2-extproc: --config FILE is required\n\n${USAGE}`);
+    return 2;
+  }
+  if (values.profile !== undefined && command !== 'token') {
+    io.err('oauth2-extproc: --profile only applies to the token command');
+    return 2;
+  }
+
+  let config: Config;
+  try {
+    config = loadConfig(values.config);
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    io.err(`oauth2-extproc: ${values.config} is not valid (${err.problems.length} problem${err.problems.length === 1 ? '' : 's'}):`);
+    for (const p of err.problems) io.err(`  ${p.path}: ${p.message}`);
+    return 2;
+  }
+
+  if (command === 'check-config') {
+    io.out(`${values.config}: valid`);
+    io.out(describeConfig(config));
+    return 0;
+  }
+  if (command === 'token') return fetchOneToken(config, values.profile ?? 'default', io);
+  await run(config, io);
+  return undefined;
+}
+
+async function run(config: Config, io: Io): Promise<void> {
+  const logger = createLogger(config.logging.level);
+  process.on('unhandledRejection', (reason) => {
+    logger.error({ err: describeError(reason) }, 'unhandled promise rejection (kept serving)');
+  });
+  process.on('uncaughtException', (err) => {
+    logger.fatal({ err: describeError(err) }, 'uncaught exception; exiting');
+    logger.flush(() => process.exit(1));
+  });
+
+  const sidecar = new Sidecar({ config, logger });
+  try {
+    await sidecar.start();
+  } catch (err) {
+    io.err(`oauth2-extproc: cannot listen (server.grpc ${config.server.grpc}, server.admin ${config.server.admin}): ${describeError(err).message}`);
+    logger.flush(() => process.exit(1));
+    return;
+  }
+
+  let stopping = false;
+  const stop = (signal: NodeJS.Signals): void => {
+    if (stopping) {
+      logger.warn({ signal }, 'second signal: exiting now');
+      logger.flush(() => process.exit(1));
+      return;
+    }
+    stopping = true;
+    logger.info({ signal }, 'shutting down');
+    sidecar.shutdown().then(
+      () => logger.flush(() => process.exit(0)),
+      (err: unknown) => {
+        logger.error({ err: describeError(err) }, 'shutdown failed');
+        logger.flush(() => process.exit(1));
+      },
+    );
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+}
+
+async function fetchOneToken(config: Config, profileName: string, io: Io): Promise<number> {
+  const profile = config.profiles[profileName];
+  if (profile === undefined) {
+    io.err(`oauth2-extproc: no profile "${profileName}" (configured: ${Object.keys(config.profiles).join(', ')})`);
+    return 2;
+  }
+  const started = Date.now();
+  try {
+    const token = await new TokenSource(profile).fetch();
+    const lines = [
+      'status: ok',
+      `profile: ${profile.name}`,
+      `token endpoint: ${profile.tokenUrl}`,
+      `duration: ${Date.now() - started} ms`,
+      `token type: ${token.tokenType}`,
+      `token length: ${token.accessToken.length} characters (not shown)`,
+      `expires in: ${Math.round((token.expiresAt - token.obtainedAt) / 1000)} s (at ${new Date(token.expiresAt).toISOString()})`,
+    ];
+    if (token.refreshInSeconds !== undefined) lines.push(`refresh in: ${token.refreshInSeconds} s (sent by the endpoint)`);
+    const jwt = decodeJwt(token.accessToken);
+    if (jwt === undefined) {
+      lines.push('format: opaque (not a JWT)');
+    } else {
+      lines.push('format: JWT (signature not verified here)');
+      lines.push(`header: ${JSON.stringify(jwt.header)}`);
+      lines.push(`claims: ${JSON.stringify(jwt.claims, null, 2)}`);
+    }
+    io.out(lines.join('\n'));
+    return 0;
+  } catch (err) {
+    const lines = ['status: failed', `profile: ${profile.name}`, `token endpoint: ${profile.tokenUrl}`];
+    const { code, message } = describeError(err);
+    lines.push(`error: ${code}`, `message: ${message}`);
+    if (err instanceof TokenEndpointError) {
+      lines.push(`http status: ${err.status}`);
+      if (err.oauthError !== undefined) lines.push(`oauth error: ${err.oauthError}`);
+      if (err.oauthErrorDescription !== undefined) lines.push(`oauth error_description: ${err.oauthErrorDescription}`);
+    }
+    if (err instanceof TokenFetchError && err.retryAfterSeconds !== undefined) lines.push(`retry after: ${err.retryAfterSeconds} s`);
+    io.err(lines.join('\n'));
+    return 1;
+  }
+}
+
+/** Header and claims of a JWT, without verifying it; undefined for anything else. */
+export function decodeJwt(token: string): { header: unknown; claims: unknown } | undefined {
+  const parts = token.split('.');
+  if (parts.length !== 3) return undefined;
+  try {
+    const header = JSON.parse(Buffer.from(parts[0]!, 'base64url').toString('utf8')) as unknown;
+    const claims = JSON.parse(Buffer.from(parts[1]!, 'base64url').toString('utf8')) as unknown;
+    if (typeof header !== 'object' || header === null || typeof claims !== 'object' || claims === null) return undefined;
+    return { header, claims };
+  } catch {
+    return undefined;
+  }
+}

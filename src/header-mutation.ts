@@ -1,0 +1,101 @@
+// Pure: a profile and a token in, a ProcessingResponse out. No I/O, no clock.
+//
+// Envoy facts this file encodes (see ../shared/research/extproc-protocol.md §2):
+// - Values go in `raw_value` only, as bytes. Envoy 1.27–1.31 reject a mutation with both
+//   `value` and `raw_value` set; ≥1.32 ignores `value`. protobufjs would read a JS string in a
+//   bytes field as base64, so values are Buffers.
+// - ext_proc honours only the deprecated `append` flag (unset = overwrite) and ignores
+//   `append_action`; `append` stays unset and `append_action` says OVERWRITE_IF_EXISTS_OR_ADD
+//   for Envoys that do read it.
+import type { ProfileConfig } from './config.ts';
+import { denyReasons, type DenyReason } from './errors.ts';
+import type { Token } from './token.ts';
+
+export interface HeaderValueOption {
+  header: { key: string; raw_value: Buffer };
+  append_action: 'OVERWRITE_IF_EXISTS_OR_ADD';
+}
+
+export interface HeaderMutation {
+  set_headers?: HeaderValueOption[];
+  remove_headers?: string[];
+}
+
+export type ProcessingResponse =
+  | { request_headers: { response?: { header_mutation: HeaderMutation } } }
+  | { response_headers: object }
+  | { request_body: object }
+  | { response_body: object }
+  | { request_trailers: object }
+  | { response_trailers: object }
+  | { immediate_response: ImmediateResponse };
+
+export interface ImmediateResponse {
+  status: { code: number };
+  headers: HeaderMutation;
+  body: Buffer;
+  details: string;
+}
+
+/** `request_headers` answer: set the token header, remove the subscription key and extras. */
+export function injectToken(profile: ProfileConfig, token: Token): ProcessingResponse {
+  return {
+    request_headers: {
+      response: {
+        header_mutation: {
+          set_headers: [setHeader(profile.header, `${token.tokenType} ${token.accessToken}`)],
+          remove_headers: [...profile.removeHeaders],
+        },
+      },
+    },
+  };
+}
+
+/**
+ * `onFailure: allow` without a token: the request goes on without credentials. The client's own
+ * value of the token header is removed too, so it can never reach the backend as if it were ours.
+ */
+export function continueWithoutToken(profile: ProfileConfig): ProcessingResponse {
+  return {
+    request_headers: {
+      response: { header_mutation: { remove_headers: [profile.header, ...profile.removeHeaders] } },
+    },
+  };
+}
+
+/** A local reply from Envoy: JSON body with a stable code, never a secret. */
+export function deny(status: number, reason: DenyReason, profileName: string): ProcessingResponse {
+  const { code, message } = denyReasons[reason];
+  const body = JSON.stringify({ error: code, message, profile: profileName });
+  return {
+    immediate_response: {
+      // Envoy turns a missing status or one below 200 into 200: always set it.
+      status: { code: status },
+      headers: {
+        set_headers: [setHeader('content-type', 'application/json'), setHeader('cache-control', 'no-store')],
+      },
+      body: Buffer.from(body, 'utf8'),
+      // Shown by Envoy as %RESPONSE_CODE_DETAILS%; it replaces whitespace, so none is used.
+      details: `oauth2_extproc_${code.toLowerCase()}`,
+    },
+  };
+}
+
+/** The empty answer of the same kind, for events the sidecar has nothing to do for. */
+export function emptyReply(kind: Exclude<keyof ProcessingResponseKinds, 'immediate_response'>): ProcessingResponse {
+  return { [kind]: {} } as ProcessingResponse;
+}
+
+type ProcessingResponseKinds = {
+  request_headers: unknown;
+  response_headers: unknown;
+  request_body: unknown;
+  response_body: unknown;
+  request_trailers: unknown;
+  response_trailers: unknown;
+  immediate_response: unknown;
+};
+
+function setHeader(key: string, value: string): HeaderValueOption {
+  return { header: { key, raw_value: Buffer.from(value, 'utf8') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' };
+}

@@ -1,0 +1,124 @@
+// The trimmed protos in proto/ must be wire-compatible with Envoy's own: same method path,
+// byte-identical encodings of what the sidecar sends, and Envoy-encoded requests read correctly.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { loadSync } from '@grpc/proto-loader';
+import { deny, continueWithoutToken, emptyReply, injectToken } from '../src/header-mutation.ts';
+import { encodeResponse, LOADER_OPTIONS, peekRequest, PROCESS_PATH, PROTO_DIR, PROTO_FILE, REQUEST_KIND_NAMES, decodeRequest } from '../src/protocol.ts';
+import { parseConfig } from '../src/config.ts';
+import { requestHeaders, TYPICAL_HEADERS, upstreamMethod } from './helpers/extproc-client.ts';
+
+const ours = (loadSync(PROTO_FILE, { ...LOADER_OPTIONS, includeDirs: [PROTO_DIR] })['envoy.service.ext_proc.v3.ExternalProcessor'] as any).Process;
+const upstream = upstreamMethod();
+
+const profile = parseConfig(`
+profiles:
+  default:
+    tokenUrl: https://login.example.test/token
+    clientId: id
+    clientSecret: secret
+    removeHeaders: [x-api-key]
+`).profiles.default!;
+const token = {
+  accessToken: 'eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhLWIuYyJ9.c2ln-_x', // '.', '-', '_': would break as base64
+  tokenType: 'Bearer',
+  obtainedAt: 0,
+  expiresAt: 3_600_000,
+  refreshInSeconds: undefined,
+};
+
+test('the method path is the one Envoy calls', () => {
+  assert.equal(PROCESS_PATH, '/envoy.service.ext_proc.v3.ExternalProcessor/Process');
+  assert.equal(ours.path, upstream.path);
+  assert.equal(ours.requestStream, true);
+  assert.equal(ours.responseStream, true);
+});
+
+const replies = {
+  inject: injectToken(profile, token),
+  allow: continueWithoutToken(profile),
+  deny: deny(503, 'noToken', 'default'),
+  ...Object.fromEntries(REQUEST_KIND_NAMES.map((k) => [`empty ${k}`, emptyReply(k)])),
+};
+
+for (const [name, reply] of Object.entries(replies)) {
+  test(`reply "${name}" encodes to the same bytes with the upstream protos and decodes back`, () => {
+    const mine = encodeResponse(reply);
+    const theirs = upstream.responseSerialize(reply);
+    assert.deepEqual(mine, Buffer.from(theirs));
+    const decoded = upstream.responseDeserialize(mine);
+    assert.equal(decoded.response, Object.keys(reply)[0]);
+  });
+}
+
+test('the token reply, decoded by upstream, is exactly the two mutations with raw_value bytes only', () => {
+  const decoded = upstream.responseDeserialize(encodeResponse(replies.inject));
+  assert.deepEqual(decoded, {
+    response: 'request_headers',
+    request_headers: {
+      response: {
+        header_mutation: {
+          set_headers: [{
+            header: { key: 'authorization', raw_value: Buffer.from(`Bearer ${token.accessToken}`) },
+            append_action: 'OVERWRITE_IF_EXISTS_OR_ADD',
+          }],
+          remove_headers: ['ocp-apim-subscription-key', 'x-api-key'],
+        },
+      },
+    },
+  });
+});
+
+test('the deny reply carries its status, JSON content type and a body naming the profile', () => {
+  const decoded = upstream.responseDeserialize(encodeResponse(replies.deny));
+  assert.deepEqual(decoded, {
+    response: 'immediate_response',
+    immediate_response: {
+      status: { code: 'ServiceUnavailable' },
+      headers: {
+        set_headers: [
+          { header: { key: 'content-type', raw_value: Buffer.from('application/json') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
+          { header: { key: 'cache-control', raw_value: Buffer.from('no-store') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
+        ],
+      },
+      body: Buffer.from(JSON.stringify({ error: 'OAUTH2_ERR_NO_TOKEN', message: 'no usable access token for this profile', profile: 'default' })),
+      details: 'oauth2_extproc_oauth2_err_no_token',
+    },
+  });
+});
+
+test('every upstream-encoded request kind is recognised, and headers decode from raw_value', () => {
+  for (const kind of REQUEST_KIND_NAMES) {
+    const message = kind.endsWith('headers')
+      ? { [kind]: { headers: { headers: [{ key: 'a', raw_value: Buffer.from('b') }] }, end_of_stream: true } }
+      : kind.endsWith('body') ? { [kind]: { body: Buffer.from('ignored'), end_of_stream: true } }
+        : { [kind]: { trailers: { headers: [{ key: 'grpc-status', raw_value: Buffer.from('0') }] } } };
+    const bytes = Buffer.from(upstream.requestSerialize({ ...message, observability_mode: false }));
+    assert.equal(peekRequest(bytes).kind, kind);
+  }
+  const bytes = Buffer.from(upstream.requestSerialize(requestHeaders(TYPICAL_HEADERS)));
+  const decoded = decodeRequest(bytes);
+  assert.equal(decoded.request, 'request_headers');
+  assert.deepEqual(
+    decoded.request_headers.headers.headers.map((h: any) => [h.key, Buffer.from(h.raw_value).toString()]),
+    TYPICAL_HEADERS,
+  );
+});
+
+test('fields from a newer Envoy (attributes, metadata_context, protocol_config) are skipped', () => {
+  const bytes = Buffer.from(upstream.requestSerialize({
+    ...requestHeaders({ ':path': '/' }),
+    metadata_context: { filter_metadata: { a: { fields: { b: { stringValue: 'c' } } } } },
+    attributes: { 'envoy.filters.http.ext_proc': { fields: { 'xds.route_name': { stringValue: 'r' } } } },
+    observability_mode: true,
+  }));
+  // protocol_config (11) is newer than the upstream snapshot: append it by hand (tag 11, length 2, {1: 1}).
+  const withNewer = Buffer.concat([bytes, Buffer.from([0x5a, 0x02, 0x08, 0x01])]);
+  assert.deepEqual({ kind: peekRequest(withNewer).kind, observabilityMode: peekRequest(withNewer).observabilityMode }, { kind: 'request_headers', observabilityMode: true });
+  assert.equal(decodeRequest(withNewer).request, 'request_headers');
+});
+
+test('a truncated message is an error, not an empty request', () => {
+  const bytes = Buffer.from(upstream.requestSerialize(requestHeaders(TYPICAL_HEADERS)));
+  assert.throws(() => peekRequest(bytes.subarray(0, bytes.length - 5)));
+});
