@@ -2,7 +2,7 @@
 // here, at start, every problem reported at once by its path in the file; the result is frozen.
 import { readFileSync } from 'node:fs';
 import { isAbsolute, resolve } from 'node:path';
-import { parseDocument } from 'yaml';
+import { LineCounter, parseDocument } from 'yaml';
 import { ConfigError, type ConfigProblem } from './errors.ts';
 
 export type ClientAuth = 'client_secret_post' | 'client_secret_basic';
@@ -93,8 +93,12 @@ export function loadConfig(file: string, options: LoadOptions = {}): Config {
 
 export function parseConfig(text: string, options: LoadOptions = {}): Config {
   const problems: ConfigProblem[] = [];
-  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false });
-  for (const e of doc.errors) problems.push({ path: `line ${e.linePos?.[0]?.line ?? '?'}`, message: `YAML: ${e.message.split('\n')[0]}` });
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false, lineCounter });
+  for (const e of doc.errors) {
+    const { line, col } = lineCounter.linePos(e.pos[0]);
+    problems.push({ path: `line ${line}, column ${col}`, message: `YAML: ${e.message.split('\n')[0]}` });
+  }
   if (problems.length > 0) throw new ConfigError(problems);
 
   const v = new Validator(problems, options.env ?? process.env, options.baseDir ?? process.cwd());
@@ -363,6 +367,7 @@ class Validator {
       return undefined;
     }
     const parts: Template = [];
+    let valid = true;
     const re = /\$\{([^}]*)\}/g;
     let last = 0;
     for (let m = re.exec(value); m !== null; m = re.exec(value)) {
@@ -370,17 +375,22 @@ class Validator {
       const ref = m[1] ?? '';
       if (ref.startsWith('file:')) {
         const file = ref.slice('file:'.length);
-        if (file === '') this.problem(path, '${file:} needs a path');
-        else parts.push({ file });
+        if (file === '') {
+          this.problem(path, '${file:} needs a path');
+          valid = false;
+        } else {
+          parts.push({ file });
+        }
       } else if (/^[A-Za-z_][A-Za-z0-9_]*$/.test(ref)) {
         parts.push({ env: ref });
       } else {
         this.problem(path, `\${${ref}} is neither \${NAME} (environment) nor \${file:PATH}`);
+        valid = false;
       }
       last = m.index + m[0].length;
     }
     if (last < value.length) parts.push({ literal: value.slice(last) });
-    return parts;
+    return valid ? parts : undefined;
   }
 
   private expand(template: Template, path: string): string | undefined {
