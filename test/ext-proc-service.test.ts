@@ -1,0 +1,210 @@
+// The stream handler, served by a real grpc-js server and spoken to by a client built from the
+// upstream Envoy protos. Tokens are plain values here (the token cache has its own tests).
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import * as grpc from '@grpc/grpc-js';
+import { parseConfig } from '../src/config.ts';
+import { ExtProcService } from '../src/ext-proc-service.ts';
+import { createLogger } from '../src/logger.ts';
+import { Metrics } from '../src/metrics.ts';
+import { extProcService } from '../src/protocol.ts';
+import type { Token } from '../src/token.ts';
+import { ExtProcClient, requestHeaders, setHeaders, TYPICAL_HEADERS, upstreamMethod } from './helpers/extproc-client.ts';
+
+const config = parseConfig(`
+profiles:
+  default: { tokenUrl: 'https://idp.test/token', clientId: a, clientSecret: b }
+  backend-b: { tokenUrl: 'https://idp.test/token', clientId: a, clientSecret: b, removeHeaders: [x-api-key] }
+  lenient: { tokenUrl: 'https://idp.test/token', clientId: a, clientSecret: b, onFailure: allow }
+`, { env: {} });
+
+const tokens: Record<string, Token | undefined> = {};
+const token = (accessToken: string, tokenType = 'Bearer'): Token => ({ accessToken, tokenType, obtainedAt: 0, expiresAt: 1, refreshInSeconds: undefined });
+
+const logLines: Array<Record<string, any>> = [];
+const logger = createLogger('debug', { write: (line: string) => void logLines.push(JSON.parse(line)) });
+const metrics = new Metrics({ defaultMetrics: false });
+const service = new ExtProcService({
+  profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: { current: () => tokens[p.name] } })),
+  logger,
+  metrics,
+});
+
+let server: grpc.Server;
+let address: string;
+let client: ExtProcClient;
+
+before(async () => {
+  server = new grpc.Server();
+  server.addService(extProcService, { Process: service.process });
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
+  address = `127.0.0.1:${port}`;
+  client = new ExtProcClient(address);
+});
+
+after(() => {
+  client.close();
+  server.forceShutdown();
+});
+
+const authorizationMutation = (value: string, remove = ['ocp-apim-subscription-key']) => ({
+  response: 'request_headers',
+  request_headers: {
+    response: {
+      header_mutation: {
+        set_headers: [{ header: { key: 'authorization', raw_value: Buffer.from(value) }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' }],
+        remove_headers: remove,
+      },
+    },
+  },
+});
+
+test('request_headers: the token overwrites authorization and the subscription key is removed; then the stream ends OK', async () => {
+  tokens.default = token('eyJ.abc-def_ghi');
+  const { reply, status } = await client.exchange(requestHeaders(TYPICAL_HEADERS));
+  assert.deepEqual(reply, authorizationMutation('Bearer eyJ.abc-def_ghi'));
+  assert.equal(status?.code, grpc.status.OK);
+});
+
+test('the profile comes from x-oauth2-profile metadata; its own removals apply', async () => {
+  tokens['backend-b'] = token('token-for-b', 'DPoP');
+  const { reply } = await client.exchange(requestHeaders(TYPICAL_HEADERS), { profile: 'backend-b' });
+  assert.deepEqual(reply, authorizationMutation('DPoP token-for-b', ['ocp-apim-subscription-key', 'x-api-key']));
+});
+
+test('a new token is used from the next request on', async () => {
+  tokens.default = token('first');
+  assert.deepEqual(setHeaders((await client.exchange(requestHeaders(TYPICAL_HEADERS))).reply), { authorization: 'Bearer first' });
+  tokens.default = token('second');
+  assert.deepEqual(setHeaders((await client.exchange(requestHeaders(TYPICAL_HEADERS))).reply), { authorization: 'Bearer second' });
+});
+
+test('every other event gets an empty reply of its own kind, one per message, in order, on one stream', async () => {
+  tokens.default = token('t');
+  const call = client.open();
+  const replies: Array<Record<string, any>> = [];
+  const done = new Promise<grpc.StatusObject>((resolve) => call.on('status', resolve));
+  call.on('data', (r: Record<string, any>) => replies.push(r));
+  call.write(requestHeaders(TYPICAL_HEADERS, false));
+  call.write({ request_body: { body: Buffer.from('{"a":1}'), end_of_stream: false } });
+  call.write({ request_body: { body: Buffer.from('{"b":2}'), end_of_stream: true } });
+  call.write({ request_trailers: { trailers: { headers: [] } } });
+  call.write({ response_headers: { headers: { headers: [{ key: ':status', raw_value: Buffer.from('200') }] } } });
+  call.write({ response_body: { body: Buffer.from('ok'), end_of_stream: true } });
+  call.write({ response_trailers: { trailers: { headers: [] } } });
+  call.end();
+  assert.equal((await done).code, grpc.status.OK);
+  assert.deepEqual(replies.map((r) => r.response), [
+    'request_headers', 'request_body', 'request_body', 'request_trailers', 'response_headers', 'response_body', 'response_trailers',
+  ]);
+  assert.deepEqual(replies.slice(1).map((r) => r[r.response]), [{}, {}, {}, {}, {}, {}]);
+});
+
+test('headers sent the pre-1.27 way (value, no raw_value) are answered the same', async () => {
+  tokens.default = token('t');
+  const message = { request_headers: { headers: { headers: TYPICAL_HEADERS.map(([key, value]) => ({ key, value })) }, end_of_stream: true } };
+  const { reply } = await client.exchange(message);
+  assert.deepEqual(reply, authorizationMutation('Bearer t'));
+  const record = logLines.findLast((l) => l.msg === 'request_headers answered');
+  assert.deepEqual({ ...record, time: undefined }, {
+    level: 'debug', service: 'oauth2-extproc', time: undefined, msg: 'request_headers answered',
+    profile: 'default', outcome: 'injected', method: 'GET', path: '/orders/42',
+    clientSent: ['authorization', 'ocp-apim-subscription-key'],
+  });
+});
+
+test('no token, default policy: an immediate 503 with a JSON body naming the profile', async () => {
+  tokens.default = undefined;
+  const { reply } = await client.exchange(requestHeaders(TYPICAL_HEADERS));
+  assert.equal(reply.response, 'immediate_response');
+  assert.equal(reply.immediate_response.status.code, 'ServiceUnavailable');
+  assert.deepEqual(JSON.parse(reply.immediate_response.body.toString()), {
+    error: 'OAUTH2_ERR_NO_TOKEN', message: 'no usable access token for this profile', profile: 'default',
+  });
+  assert.deepEqual(setHeaders({ request_headers: { response: { header_mutation: reply.immediate_response.headers } } }), {
+    'content-type': 'application/json', 'cache-control': 'no-store',
+  });
+});
+
+test('no token, onFailure allow: continue without authorization (the caller\'s is removed) and without the key', async () => {
+  tokens.lenient = undefined;
+  const { reply } = await client.exchange(requestHeaders(TYPICAL_HEADERS), { profile: 'lenient' });
+  assert.deepEqual(reply, {
+    response: 'request_headers',
+    request_headers: { response: { header_mutation: { remove_headers: ['authorization', 'ocp-apim-subscription-key'] } } },
+  });
+});
+
+test('an unknown profile is denied with 500 and logged once, naming the metadata key', async () => {
+  logLines.length = 0;
+  for (let i = 0; i < 3; i++) {
+    const { reply } = await client.exchange(requestHeaders(TYPICAL_HEADERS), { profile: 'nope' });
+    assert.equal(reply.immediate_response.status.code, 'InternalServerError');
+    assert.equal(JSON.parse(reply.immediate_response.body.toString()).error, 'OAUTH2_ERR_UNKNOWN_PROFILE');
+  }
+  const warnings = logLines.filter((l) => l.level === 'warn');
+  assert.equal(warnings.length, 1);
+  assert.deepEqual(warnings[0]!.configured, ['default', 'backend-b', 'lenient']);
+  assert.equal(warnings[0]!.metadataKey, 'x-oauth2-profile');
+  assert.equal(warnings[0]!.profile, 'nope');
+});
+
+test('observability mode: no reply (Envoy forbids one), the stream still ends cleanly', async () => {
+  const call = client.open();
+  let replies = 0;
+  call.on('data', () => replies++);
+  const status = new Promise<grpc.StatusObject>((resolve) => call.on('status', resolve));
+  call.write({ ...requestHeaders(TYPICAL_HEADERS), observability_mode: true });
+  call.end();
+  assert.equal((await status).code, grpc.status.OK);
+  assert.equal(replies, 0);
+});
+
+/** A client that sends raw bytes as the message, to play a broken or future Envoy. */
+async function sendRaw(bytes: Buffer): Promise<{ replies: number; status: grpc.StatusObject }> {
+  const method = { ...upstreamMethod(), requestSerialize: (b: Buffer) => b };
+  const Ctor = grpc.makeGenericClientConstructor({ Process: method } as grpc.ServiceDefinition, 'ExternalProcessor');
+  const raw = new Ctor(address, grpc.credentials.createInsecure()) as any;
+  const call = raw.Process(new grpc.Metadata()) as grpc.ClientDuplexStream<Buffer, unknown>;
+  let replies = 0;
+  call.on('data', () => replies++);
+  call.on('error', () => {});
+  const status = await new Promise<grpc.StatusObject>((resolve) => {
+    call.on('status', resolve);
+    call.write(bytes);
+  });
+  raw.close();
+  return { replies, status };
+}
+
+test('a malformed message fails the stream with an error status, never a clean close', async () => {
+  const { replies, status } = await sendRaw(Buffer.from([0x12, 0xff, 0x01]));
+  assert.equal(replies, 0);
+  assert.notEqual(status.code, grpc.status.OK);
+});
+
+test('a message with no request kind this processor knows fails the stream with INVALID_ARGUMENT', async () => {
+  // Only metadata_context (field 8, empty): no oneof member set.
+  const { replies, status } = await sendRaw(Buffer.from([0x42, 0x00]));
+  assert.equal(replies, 0);
+  assert.equal(status.code, grpc.status.INVALID_ARGUMENT);
+});
+
+test('requests are counted by profile and outcome; open streams return to zero', async () => {
+  const text = await metrics.registry.getSingleMetricAsString('oauth2_extproc_requests_total');
+  assert.match(text, /oauth2_extproc_requests_total\{profile="default",outcome="injected"\} \d+/);
+  assert.match(text, /oauth2_extproc_requests_total\{profile="default",outcome="denied"\} 1/);
+  assert.match(text, /oauth2_extproc_requests_total\{profile="lenient",outcome="allowed_without_token"\} 1/);
+  assert.match(text, /oauth2_extproc_requests_total\{profile="nope",outcome="unknown_profile"\} 3/);
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.equal(service.streamsOpen, 0);
+  assert.match(await metrics.registry.getSingleMetricAsString('oauth2_extproc_open_streams'), /oauth2_extproc_open_streams 0/);
+});
+
+test('no log line at any level carries a token or the caller\'s key or authorization', () => {
+  const all = JSON.stringify(logLines);
+  for (const secret of ['eyJ.abc-def_ghi', 'token-for-b', 'forged-by-the-caller', '0123456789abcdef0123456789abcdef']) {
+    assert.ok(!all.includes(secret), `log contains ${secret}`);
+  }
+});
