@@ -60,6 +60,7 @@ export async function startOAuthServer(options: { ttlSeconds?: number } = {}): P
     })),
     jwks: { keys: [jwk] },
     scopes: SCOPES.split(' '),
+    ttl: { ClientCredentials: (_ctx: unknown, token: { resourceServer?: { accessTokenTTL?: number } }) => token.resourceServer?.accessTokenTTL ?? ttl },
     features: {
       clientCredentials: { enabled: true },
       devInteractions: { enabled: false },

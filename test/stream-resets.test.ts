@@ -1,0 +1,58 @@
+// Envoy resets every ext_proc stream when it is done with it. Node's HTTP/2 server limits
+// received resets per connection (about 1,000, then about 33 a second) and then sends GOAWAY,
+// failing every stream in flight. The sidecar must take that churn on one connection.
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import * as grpc from '@grpc/grpc-js';
+import { ExtProcService } from '../src/ext-proc-service.ts';
+import { createLogger } from '../src/logger.ts';
+import { Metrics } from '../src/metrics.ts';
+import { extProcService } from '../src/protocol.ts';
+import { parseConfig } from '../src/config.ts';
+import { churn } from './helpers/load.ts';
+import { startOAuthServer, type OAuthServer } from './helpers/oauth-server.ts';
+import { profileFor, startSidecar, type SidecarProcess } from './helpers/sidecar.ts';
+
+const STREAMS = 6000;
+const CONCURRENCY = 64;
+
+let idp: OAuthServer;
+let sidecar: SidecarProcess;
+
+before(async () => {
+  idp = await startOAuthServer();
+  sidecar = await startSidecar({ config: { profiles: { default: profileFor(idp) } } });
+});
+
+after(async () => {
+  await sidecar?.stop();
+  await idp?.close();
+});
+
+test(`the sidecar answers ${STREAMS} streams reset by the client on one connection, none failing`, async () => {
+  const result = await churn(sidecar.grpcAddress, { streams: STREAMS, concurrency: CONCURRENCY });
+  assert.deepEqual(result.failures, {});
+  assert.equal(result.replies, STREAMS);
+  assert.deepEqual(result.replyKinds, { request_headers: STREAMS });
+});
+
+test('control: a grpc-js server with Node\'s default reset limits fails under the same churn', async () => {
+  // Shows the test above can fail: the same handler without the raised limits.
+  const config = parseConfig(`profiles: { default: { tokenUrl: 'https://idp.test/t', clientId: a, clientSecret: b } }`, { env: {} });
+  const token = { accessToken: 't', tokenType: 'Bearer', obtainedAt: 0, expiresAt: 1, refreshInSeconds: undefined };
+  const service = new ExtProcService({
+    profiles: [{ config: config.profiles.default!, tokens: { current: () => token } }],
+    logger: createLogger('silent'),
+    metrics: new Metrics({ defaultMetrics: false }),
+  });
+  const server = new grpc.Server();
+  server.addService(extProcService, { Process: service.process });
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
+  try {
+    const result = await churn(`127.0.0.1:${port}`, { streams: STREAMS, concurrency: CONCURRENCY });
+    assert.ok(result.failed > 0, `expected GOAWAY failures without the raised limits, got ${JSON.stringify(result)}`);
+  } finally {
+    server.forceShutdown();
+  }
+});
