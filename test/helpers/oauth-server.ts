@@ -30,7 +30,8 @@ export interface OAuthServer {
   close(): Promise<void>;
 }
 
-export type Override = 'hang' | { status: number; headers?: Record<string, string>; body: string };
+/** 'hang': never answer; { status, … }: answer this instead; { delayMs }: the real answer, late. */
+export type Override = 'hang' | { status: number; headers?: Record<string, string>; body: string } | { delayMs: number };
 
 export const DEFAULT_RESOURCE = 'https://upstream.test';
 export const SCOPES = 'api://orders/.default orders.read';
@@ -98,18 +99,25 @@ export async function startOAuthServer(options: { ttlSeconds?: number } = {}): P
         res.on('close', () => hanging.delete(res));
         return;
       }
+      if (answer !== undefined && 'delayMs' in answer) {
+        setTimeout(() => replay(raw), answer.delayMs);
+        return;
+      }
       if (answer !== undefined) {
         res.writeHead(answer.status, answer.headers ?? {});
         res.end(answer.body);
         return;
       }
-      const replay = Object.assign(Readable.from([raw]), {
+      replay(raw);
+    });
+    function replay(raw: Buffer): void {
+      const copy = Object.assign(Readable.from([raw]), {
         headers: req.headers, method: req.method, url: req.url, socket: req.socket, connection: req.socket,
         httpVersion: req.httpVersion, httpVersionMajor: req.httpVersionMajor, httpVersionMinor: req.httpVersionMinor,
         rawHeaders: req.rawHeaders,
       });
-      void callback(replay as unknown as IncomingMessage, res);
-    });
+      void callback(copy as unknown as IncomingMessage, res);
+    }
   });
 
   const jwks = createRemoteJWKSet(new URL(`${issuer}/jwks`));
