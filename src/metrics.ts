@@ -13,11 +13,11 @@ export class Metrics {
   readonly tokenFetchSeconds: Histogram<'profile'>;
   readonly tokenExpirySeconds: Gauge<'profile'>;
   readonly openStreams: Gauge;
-  private openStreamsSource: () => number = () => 0;
-  private expirySources = new Map<string, () => number | undefined>();
+  // Read when scraped (see observeOpenStreams / observeTokenExpiry).
+  private readonly sources = { openStreams: (): number => 0, expiry: new Map<string, () => number | undefined>() };
 
   constructor(options: { registry?: Registry; defaultMetrics?: boolean } = {}) {
-    const self = this;
+    const sources = this.sources;
     this.registry = options.registry ?? new Registry();
     const registers = [this.registry];
     if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'oauth2_extproc_' });
@@ -47,7 +47,7 @@ export class Metrics {
       registers,
       collect() {
         this.reset();
-        for (const [profile, source] of self.expirySources) {
+        for (const [profile, source] of sources.expiry) {
           const seconds = source();
           if (seconds !== undefined) this.set({ profile }, Math.round(seconds));
         }
@@ -58,7 +58,7 @@ export class Metrics {
       help: 'ext_proc streams currently open',
       registers,
       collect() {
-        this.set(self.openStreamsSource());
+        this.set(sources.openStreams());
       },
     });
 
@@ -66,11 +66,11 @@ export class Metrics {
 
   /** Open streams are read from the handler when scraped, not counted through prom-client. */
   observeOpenStreams(source: () => number): void {
-    this.openStreamsSource = source;
+    this.sources.openStreams = source;
   }
 
   /** Seconds to expiry of a profile's token, read when scraped; undefined = no token. */
   observeTokenExpiry(profile: string, source: () => number | undefined): void {
-    this.expirySources.set(profile, source);
+    this.sources.expiry.set(profile, source);
   }
 }

@@ -22,8 +22,8 @@ after(async () => {
 
 function healthCheck(address: string, service: string): Promise<string> {
   const def = loadSync(healthProtoPath, { keepCase: true, enums: String });
-  const Health = grpc.loadPackageDefinition(def).grpc.health.v1.Health as grpc.ServiceClientConstructor;
-  const client = new Health(address, grpc.credentials.createInsecure());
+  const Health = (grpc.loadPackageDefinition(def) as any).grpc.health.v1.Health as grpc.ServiceClientConstructor;
+  const client = new Health(address, grpc.credentials.createInsecure()) as any;
   return new Promise((resolve, reject) => {
     client.Check({ service }, (err: Error | null, res: { status: string }) => {
       client.close();
