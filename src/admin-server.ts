@@ -3,15 +3,16 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Readiness } from './health.ts';
 import type { Logger } from './logger.ts';
-import type { Metrics } from './metrics.ts';
 
 export async function startAdminServer(options: {
   address: string;
   readiness: Readiness;
-  metrics: Metrics;
+  /** The Prometheus exposition (one process's registry, or every worker's aggregated). */
+  metricsText: () => Promise<string>;
+  contentType: string;
   logger: Logger;
 }): Promise<{ server: Server; port: number }> {
-  const { readiness, metrics, logger } = options;
+  const { readiness, metricsText, contentType, logger } = options;
   const server = createServer((req, res) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method !== 'GET' && req.method !== 'HEAD') {
@@ -24,8 +25,8 @@ export async function startAdminServer(options: {
       const details = readiness.details();
       res.writeHead(details.ready ? 200 : 503, { 'content-type': 'application/json' }).end(`${JSON.stringify(details)}\n`);
     } else if (path === '/metrics') {
-      metrics.registry.metrics().then(
-        (text) => res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text),
+      metricsText().then(
+        (text) => res.writeHead(200, { 'content-type': contentType }).end(text),
         (err: Error) => {
           logger.error({ err: { message: err.message } }, 'metrics collection failed');
           res.writeHead(500).end();

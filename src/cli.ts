@@ -6,6 +6,7 @@ import { ConfigError, describeError, TokenEndpointError, TokenFetchError } from 
 import { createLogger } from './logger.ts';
 import { Sidecar } from './server.ts';
 import { TokenSource } from './token-source.ts';
+import { isWorker, runWorker } from './workers.ts';
 
 export interface Io {
   out(text: string): void;
@@ -103,6 +104,10 @@ async function run(config: Config, io: Io): Promise<void> {
     logger.flush(() => process.exit(1));
   });
 
+  if (isWorker()) {
+    await runWorker(config, logger.child({ worker: process.pid }));
+    return;
+  }
   const sidecar = new Sidecar({ config, logger });
   try {
     await sidecar.start();

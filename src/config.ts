@@ -1,6 +1,7 @@
 // The only reader of the config file and of process.env. Everything is parsed and validated
 // here, at start, every problem reported at once by its path in the file; the result is frozen.
 import { readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { isAbsolute, resolve } from 'node:path';
 import { LineCounter, parseDocument } from 'yaml';
 import { ConfigError, type ConfigProblem } from './errors.ts';
@@ -56,6 +57,8 @@ export interface ServerConfig {
   readonly admin: string;
   /** Seconds in-flight streams get to finish after SIGTERM. */
   readonly shutdownGraceSeconds: number;
+  /** Processes serving ext_proc streams; tokens are still fetched once, by the primary. */
+  readonly workers: number;
 }
 
 export interface Config {
@@ -104,7 +107,7 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
   const v = new Validator(problems, options.env ?? process.env, options.baseDir ?? process.cwd());
   const root = v.object(doc.toJS(), '', ['server', 'logging', 'profiles']);
 
-  const server = v.object(root?.server, 'server', ['grpc', 'admin', 'shutdownGraceSeconds']);
+  const server = v.object(root?.server, 'server', ['grpc', 'admin', 'shutdownGraceSeconds', 'workers']);
   const grpc = v.string(server?.grpc, 'server.grpc', { default: '127.0.0.1:9001' });
   const admin = v.string(server?.admin, 'server.admin', { default: '127.0.0.1:9002' });
   if (grpc !== undefined) v.address(grpc, 'server.grpc', true);
@@ -113,6 +116,9 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
     grpc: grpc ?? '',
     admin: admin ?? '',
     shutdownGraceSeconds: v.number(server?.shutdownGraceSeconds, 'server.shutdownGraceSeconds', { default: 10, min: 0, max: 3600 }),
+    workers: server?.workers === 'auto'
+      ? availableParallelism()
+      : v.number(server?.workers, 'server.workers', { default: 1, min: 1, max: 64, integer: true }),
   };
 
   const logging = v.object(root?.logging, 'logging', ['level']);
@@ -466,6 +472,7 @@ export function describeConfig(config: Config): string {
   const lines = [
     `server.grpc: ${config.server.grpc}`,
     `server.admin: ${config.server.admin}`,
+    `server.workers: ${config.server.workers}`,
     `logging.level: ${config.logging.level}`,
   ];
   for (const p of Object.values(config.profiles)) {

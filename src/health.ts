@@ -1,8 +1,6 @@
 // One readiness for everything that asks: /readyz, the gRPC health service (Kubernetes grpc
 // probes, Envoy health checks) and the `ready` log line. Ready = every profile holds a usable
 // token and the process is not draining.
-import { HealthImplementation } from 'grpc-health-check';
-import { SERVICE_NAME } from './protocol.ts';
 
 export interface ProfileStatus {
   readonly name: string;
@@ -11,7 +9,6 @@ export interface ProfileStatus {
 }
 
 export class Readiness {
-  readonly grpcHealth: HealthImplementation;
   private readonly profiles: readonly ProfileStatus[];
   private draining = false;
   private readonly listeners: Array<(ready: boolean) => void> = [];
@@ -19,7 +16,6 @@ export class Readiness {
 
   constructor(profiles: readonly ProfileStatus[]) {
     this.profiles = profiles;
-    this.grpcHealth = new HealthImplementation({ '': 'NOT_SERVING', [SERVICE_NAME]: 'NOT_SERVING' });
   }
 
   isReady(): boolean {
@@ -37,6 +33,7 @@ export class Readiness {
     return { ready: this.isReady(), draining: this.draining, profiles };
   }
 
+  /** Called with the new state each time it changes. */
   onChange(listener: (ready: boolean) => void): void {
     this.listeners.push(listener);
   }
@@ -51,9 +48,6 @@ export class Readiness {
     const ready = this.isReady();
     if (ready === this.last) return;
     this.last = ready;
-    const status = ready ? 'SERVING' : 'NOT_SERVING';
-    this.grpcHealth.setStatus('', status);
-    this.grpcHealth.setStatus(SERVICE_NAME, status);
     for (const listener of this.listeners) listener(ready);
   }
 }

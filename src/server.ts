@@ -1,19 +1,18 @@
-// Wiring: token caches per profile, the ext_proc gRPC server (with gRPC health), the admin HTTP
-// server, readiness, and shutdown. Everything with I/O is injectable for tests.
-import { chmodSync, rmSync, statSync } from 'node:fs';
+// Wiring: token caches per profile, the ext_proc gRPC listener (in this process, or in
+// `server.workers` worker processes), the admin HTTP server, readiness, and shutdown.
+import { rmSync } from 'node:fs';
 import type { Server as HttpServer } from 'node:http';
-import { Server, ServerCredentials } from '@grpc/grpc-js';
 import type { Dispatcher } from 'undici';
 import { startAdminServer } from './admin-server.ts';
 import { systemClock, type Clock } from './clock.ts';
 import type { Config } from './config.ts';
-import { ExtProcService } from './ext-proc-service.ts';
+import { GrpcListener, removeStaleSocket } from './grpc-listener.ts';
 import { Readiness } from './health.ts';
 import type { Logger } from './logger.ts';
 import { Metrics } from './metrics.ts';
-import { extProcService } from './protocol.ts';
 import { TokenCache } from './token-cache.ts';
 import { TokenSource } from './token-source.ts';
+import { aggregateMetrics, WorkerPool, type TokenState } from './workers.ts';
 
 export interface SidecarOptions {
   config: Config;
@@ -29,24 +28,17 @@ export interface Addresses {
   admin: string;
 }
 
-// Envoy resets (RST_STREAM) essentially every ext_proc stream once it is done with it. Node's
-// HTTP/2 server answers more than ~1,000 resets per connection (then ~33/s) with GOAWAY, failing
-// every stream in flight (the CVE-2023-44487 "rapid reset" guard). The only client here is the
-// local Envoy, whose stream rate is the request rate, so the guard is raised far above any rate
-// one Node process can serve. grpc-js does not expose these http2 options; they are added to the
-// options it passes to http2.createServer (nodejs/node#54875, Node ≥22).
-const HTTP2_RESET_LIMITS = { streamResetBurst: 1_000_000, streamResetRate: 1_000_000 };
-
 export class Sidecar {
   readonly readiness: Readiness;
   readonly metrics: Metrics;
   private readonly config: Config;
   private readonly logger: Logger;
   private readonly caches: Map<string, TokenCache>;
-  private readonly service: ExtProcService;
-  private readonly grpcServer: Server;
+  /** Serves streams in this process (workers: 1) … */
+  private readonly listener: GrpcListener | undefined;
+  /** … or in worker processes, which get every token from here. */
+  private readonly pool: WorkerPool | undefined;
   private adminServer: HttpServer | undefined;
-  private socketPath: string | undefined;
 
   constructor(options: SidecarOptions) {
     const { config, logger } = options;
@@ -67,42 +59,48 @@ export class Sidecar {
     this.readiness = new Readiness(
       [...this.caches].map(([name, cache]) => ({ name, hasToken: () => cache.current() !== undefined })),
     );
+
+    if (config.server.workers > 1) {
+      this.pool = new WorkerPool({ count: config.server.workers, logger, tokens: () => this.tokenStates() });
+      for (const [name, cache] of this.caches) {
+        cache.onChange(() => this.pool!.broadcastToken(name, { token: cache.current(), usableUntil: cache.usableUntil }));
+      }
+      this.readiness.onChange((ready) => this.pool!.setServing(ready));
+    } else {
+      this.listener = new GrpcListener({
+        profiles: [...this.caches].map(([name, cache]) => ({ config: config.profiles[name]!, tokens: cache })),
+        logger,
+        metrics: this.metrics,
+      });
+      this.readiness.onChange((ready) => this.listener!.setServing(ready));
+    }
     for (const cache of this.caches.values()) cache.onChange(() => this.readiness.update());
     this.readiness.onChange((ready) => {
       if (ready) this.logger.info({ profiles: [...this.caches.keys()] }, 'ready: every profile holds a token');
       else if (!this.readiness.isDraining()) this.logger.warn(this.readiness.details(), 'not ready: a profile has no usable token');
     });
-
-    this.service = new ExtProcService({
-      profiles: [...this.caches].map(([name, cache]) => ({ config: config.profiles[name]!, tokens: cache })),
-      logger,
-      metrics: this.metrics,
-    });
-    // channelz bookkeeping per call is pure overhead for a sidecar.
-    this.grpcServer = new Server({ 'grpc.enable_channelz': 0 });
-    Object.assign((this.grpcServer as unknown as { commonServerOptions: object }).commonServerOptions, HTTP2_RESET_LIMITS);
-    this.grpcServer.addService(extProcService, { Process: this.service.process });
-    this.readiness.grpcHealth.addToServer(this.grpcServer);
   }
 
   /** Binds both listeners, then starts fetching tokens. Rejects (nothing left bound) on failure. */
   async start(): Promise<Addresses> {
-    const grpc = await this.bindGrpc(this.config.server.grpc);
+    const grpc = await this.bindGrpc();
     try {
       const admin = await startAdminServer({
         address: this.config.server.admin,
         readiness: this.readiness,
-        metrics: this.metrics,
+        metricsText: this.pool === undefined ? () => this.metrics.registry.metrics() : () => aggregateMetrics(this.metrics, this.pool!),
+        contentType: this.metrics.registry.contentType,
         logger: this.logger,
       });
       this.adminServer = admin.server;
       const adminAddress = `${this.config.server.admin.slice(0, this.config.server.admin.lastIndexOf(':'))}:${admin.port}`;
       for (const cache of this.caches.values()) cache.start();
       this.readiness.update();
-      this.logger.info({ grpc, admin: adminAddress, profiles: [...this.caches.keys()] }, 'listening');
+      this.logger.info({ grpc, admin: adminAddress, profiles: [...this.caches.keys()], workers: this.config.server.workers }, 'listening');
       return { grpc, admin: adminAddress };
     } catch (err) {
-      this.grpcServer.forceShutdown();
+      this.listener?.forceShutdown();
+      await this.pool?.drain(0);
       throw err;
     }
   }
@@ -110,52 +108,28 @@ export class Sidecar {
   /** SIGTERM: not ready at once, let open streams finish within the grace period, then stop. */
   async shutdown(graceMs = this.config.server.shutdownGraceSeconds * 1000): Promise<void> {
     this.readiness.startDraining();
-    this.logger.info({ openStreams: this.service.streamsOpen, graceSeconds: graceMs / 1000 }, 'draining');
-    await new Promise<void>((resolve) => {
-      const timer = setTimeout(() => {
-        this.logger.warn({ openStreams: this.service.streamsOpen }, 'grace period over: closing the remaining streams');
-        this.grpcServer.forceShutdown();
-        resolve();
-      }, graceMs);
-      this.grpcServer.tryShutdown(() => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
+    this.logger.info({ openStreams: this.listener?.service.streamsOpen, graceSeconds: graceMs / 1000 }, 'draining');
+    await this.listener?.drain(graceMs, this.logger);
+    await this.pool?.drain(graceMs);
     for (const cache of this.caches.values()) cache.stop();
     if (this.adminServer !== undefined) {
       this.adminServer.closeAllConnections();
       await new Promise<void>((resolve) => this.adminServer!.close(() => resolve()));
     }
-    if (this.socketPath !== undefined) rmSync(this.socketPath, { force: true });
+    const grpc = this.config.server.grpc;
+    if (grpc.startsWith('unix:')) rmSync(grpc.slice('unix:'.length).replace(/^\/\/(?=\/)/, ''), { force: true });
     this.logger.info('stopped');
   }
 
-  private async bindGrpc(address: string): Promise<string> {
-    let target = address;
-    if (address.startsWith('unix:')) {
-      const path = address.slice('unix:'.length).replace(/^\/\/(?=\/)/, '');
-      removeStaleSocket(path);
-      this.socketPath = path;
-      target = `unix:${path}`;
-    }
-    const port = await new Promise<number>((resolve, reject) => {
-      this.grpcServer.bindAsync(target, ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p)));
-    });
-    if (this.socketPath !== undefined) {
-      // The ext_proc answer carries the access token: only the owner and its group (the pod's
-      // fsGroup, shared with Envoy) may connect.
-      chmodSync(this.socketPath, 0o660);
-      return `unix:${this.socketPath}`;
-    }
-    return `${address.slice(0, address.lastIndexOf(':'))}:${port}`;
+  private async bindGrpc(): Promise<string> {
+    const address = this.config.server.grpc;
+    if (this.listener !== undefined) return this.listener.bind(address);
+    // Workers share one listening socket through the primary; a stale socket file goes first.
+    if (address.startsWith('unix:')) removeStaleSocket(address.slice('unix:'.length).replace(/^\/\/(?=\/)/, ''));
+    return this.pool!.start();
   }
-}
 
-function removeStaleSocket(path: string): void {
-  try {
-    if (statSync(path).isSocket()) rmSync(path);
-  } catch {
-    // Nothing there: fine.
+  private tokenStates(): Map<string, TokenState> {
+    return new Map([...this.caches].map(([name, cache]) => [name, { token: cache.current(), usableUntil: cache.usableUntil }]));
   }
 }

@@ -72,6 +72,11 @@ export class TokenCache {
     void this.#fetch();
   }
 
+  /** Until when (ms since the epoch) current() hands out the held token; 0 when there is none. */
+  get usableUntil(): number {
+    return this.#token === undefined ? 0 : this.#usableUntil;
+  }
+
   /** The token to inject, or undefined when none is usable. Hot path: one comparison. */
   current(): Token | undefined {
     return this.#clock.now() < this.#usableUntil ? this.#token : undefined;

@@ -1,0 +1,210 @@
+// `server.workers > 1`: several processes serve ext_proc streams on one shared port (node:cluster),
+// while the primary alone fetches tokens and hands each new one to every worker, so the token
+// endpoint sees one request per profile per refresh, whatever the number of workers.
+import cluster, { type Worker } from 'node:cluster';
+import { AggregatorRegistry, type Registry } from 'prom-client';
+import { systemClock } from './clock.ts';
+import type { Config } from './config.ts';
+import { describeError } from './errors.ts';
+import { GrpcListener } from './grpc-listener.ts';
+import type { Logger } from './logger.ts';
+import { Metrics } from './metrics.ts';
+import type { Token } from './token.ts';
+
+type MetricsJson = Awaited<ReturnType<Registry['getMetricsAsJSON']>>;
+
+type ToWorker =
+  | { t: 'token'; profile: string; token: Token | null; usableUntil: number }
+  | { t: 'serving'; ready: boolean }
+  | { t: 'metrics'; id: number }
+  | { t: 'drain'; graceMs: number };
+
+type ToPrimary =
+  | { t: 'hello' }
+  | { t: 'listening'; address: string }
+  | { t: 'bind-failed'; message: string }
+  | { t: 'metrics'; id: number; json: MetricsJson };
+
+export interface TokenState {
+  token: Token | undefined;
+  usableUntil: number;
+}
+
+export class WorkerPool {
+  private readonly count: number;
+  private readonly logger: Logger;
+  private readonly tokens: () => Map<string, TokenState>;
+  private readonly workers = new Set<Worker>();
+  private serving = false;
+  private draining = false;
+  private nextMetricsId = 0;
+  private readonly pendingMetrics = new Map<number, { left: number; json: MetricsJson[]; done: (json: MetricsJson[]) => void }>();
+
+  constructor(options: { count: number; logger: Logger; tokens: () => Map<string, TokenState> }) {
+    this.count = options.count;
+    this.logger = options.logger;
+    this.tokens = options.tokens;
+  }
+
+  /** Forks the workers; resolves with the bound address once every one listens. */
+  start(): Promise<string> {
+    return new Promise((resolve, reject) => {
+      let listening = 0;
+      let settled = false;
+      const onMessage = (worker: Worker, message: ToPrimary): void => {
+        if (message.t === 'hello') {
+          // A new worker (or a replacement) gets the current tokens and readiness at once.
+          for (const [profile, state] of this.tokens()) this.sendToken(worker, profile, state);
+          send(worker, { t: 'serving', ready: this.serving });
+        } else if (message.t === 'listening' && !settled && ++listening === this.count) {
+          settled = true;
+          resolve(message.address);
+        } else if (message.t === 'bind-failed' && !settled) {
+          settled = true;
+          reject(new Error(message.message));
+        } else if (message.t === 'metrics') {
+          const pending = this.pendingMetrics.get(message.id);
+          if (pending !== undefined) {
+            pending.json.push(message.json);
+            if (--pending.left === 0) {
+              this.pendingMetrics.delete(message.id);
+              pending.done(pending.json);
+            }
+          }
+        }
+      };
+      cluster.on('message', onMessage);
+      cluster.on('exit', (worker, code, signal) => {
+        this.workers.delete(worker);
+        for (const [id, pending] of this.pendingMetrics) {
+          if (--pending.left <= 0) {
+            this.pendingMetrics.delete(id);
+            pending.done(pending.json);
+          }
+        }
+        if (this.draining || !settled) return;
+        this.logger.error({ pid: worker.process.pid, code, signal }, 'a worker exited; starting another');
+        this.fork();
+      });
+      for (let i = 0; i < this.count; i++) this.fork();
+    });
+  }
+
+  /** Sends a profile's new token (or its loss) to every worker. */
+  broadcastToken(profile: string, state: TokenState): void {
+    for (const worker of this.workers) this.sendToken(worker, profile, state);
+  }
+
+  setServing(ready: boolean): void {
+    this.serving = ready;
+    for (const worker of this.workers) send(worker, { t: 'serving', ready });
+  }
+
+  /** Every worker's metrics, as prom-client JSON, to aggregate with the primary's. */
+  metricsJson(): Promise<MetricsJson[]> {
+    const live = [...this.workers].filter((w) => w.isConnected());
+    if (live.length === 0) return Promise.resolve([]);
+    const id = this.nextMetricsId++;
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        const pending = this.pendingMetrics.get(id);
+        this.pendingMetrics.delete(id);
+        resolve(pending?.json ?? []);
+      }, 2000);
+      this.pendingMetrics.set(id, { left: live.length, json: [], done: (json) => { clearTimeout(timer); resolve(json); } });
+      for (const worker of live) send(worker, { t: 'metrics', id });
+    });
+  }
+
+  /** Asks every worker to drain and waits for all of them to exit. */
+  async drain(graceMs: number): Promise<void> {
+    this.draining = true;
+    const exits = [...this.workers].map((worker) => new Promise<void>((resolve) => {
+      if (worker.isDead()) return resolve();
+      worker.once('exit', () => resolve());
+      send(worker, { t: 'drain', graceMs });
+      // A worker that does not stop in time is killed: shutdown never hangs.
+      setTimeout(() => worker.process.kill('SIGKILL'), graceMs + 5000).unref();
+    }));
+    await Promise.all(exits);
+  }
+
+  private fork(): void {
+    const worker = cluster.fork();
+    this.workers.add(worker);
+  }
+
+  private sendToken(worker: Worker, profile: string, state: TokenState): void {
+    send(worker, { t: 'token', profile, token: state.token ?? null, usableUntil: state.usableUntil });
+  }
+}
+
+function send(worker: Worker, message: ToWorker): void {
+  if (worker.isConnected()) worker.send(message);
+}
+
+export const isWorker = (): boolean => cluster.isWorker;
+
+/** Tokens handed over by the primary; used until the primary's own usable end. */
+class HandedTokens {
+  token: Token | undefined;
+  usableUntil = 0;
+  current(): Token | undefined {
+    return systemClock.now() < this.usableUntil ? this.token : undefined;
+  }
+}
+
+/** A worker process: serves ext_proc streams with the tokens the primary sends. */
+export async function runWorker(config: Config, logger: Logger): Promise<void> {
+  const handed = new Map<string, HandedTokens>();
+  for (const name of Object.keys(config.profiles)) handed.set(name, new HandedTokens());
+  const metrics = new Metrics({ defaultMetrics: false });
+  const listener = new GrpcListener({
+    profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: handed.get(p.name)! })),
+    logger,
+    metrics,
+  });
+  const toPrimary = (message: ToPrimary): void => {
+    process.send?.(message);
+  };
+  let draining = false;
+  const drain = (graceMs: number): void => {
+    if (draining) return;
+    draining = true;
+    listener.setServing(false);
+    listener.drain(graceMs, logger).then(() => process.exit(0), () => process.exit(1));
+  };
+
+  process.on('message', (message: ToWorker) => {
+    if (message.t === 'token') {
+      const slot = handed.get(message.profile);
+      if (slot !== undefined) {
+        slot.token = message.token ?? undefined;
+        slot.usableUntil = message.usableUntil;
+      }
+    } else if (message.t === 'serving') {
+      if (!draining) listener.setServing(message.ready);
+    } else if (message.t === 'metrics') {
+      metrics.registry.getMetricsAsJSON().then((json) => toPrimary({ t: 'metrics', id: message.id, json }), () => toPrimary({ t: 'metrics', id: message.id, json: [] }));
+    } else if (message.t === 'drain') {
+      drain(message.graceMs);
+    }
+  });
+  // The primary decides when to stop; a signal sent to the whole group drains the same way.
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) process.on(signal, () => drain(config.server.shutdownGraceSeconds * 1000));
+
+  toPrimary({ t: 'hello' });
+  try {
+    const address = await listener.bind(config.server.grpc, { removeStaleSocket: false });
+    toPrimary({ t: 'listening', address });
+  } catch (err) {
+    toPrimary({ t: 'bind-failed', message: describeError(err).message });
+    process.exit(1);
+  }
+}
+
+/** Workers' metrics merged with the primary's into one exposition. */
+export async function aggregateMetrics(primary: Metrics, pool: WorkerPool): Promise<string> {
+  const all = [await primary.registry.getMetricsAsJSON(), ...(await pool.metricsJson())];
+  return AggregatorRegistry.aggregate(all as Parameters<typeof AggregatorRegistry.aggregate>[0]).metrics();
+}
