@@ -28,7 +28,7 @@ export async function startAdminServer(options: {
       metricsText().then(
         (text) => res.writeHead(200, { 'content-type': contentType }).end(text),
         (err: Error) => {
-          logger.error({ err: { message: err.message } }, 'metrics collection failed');
+          logger.error({ error: { message: err.message } }, 'metrics collection failed');
           res.writeHead(500).end();
         },
       );

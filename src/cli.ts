@@ -97,10 +97,10 @@ export async function main(argv: readonly string[], io: Io = processIo): Promise
 async function run(config: Config, io: Io): Promise<void> {
   const logger = createLogger(config.logging.level);
   process.on('unhandledRejection', (reason) => {
-    logger.error({ err: describeError(reason) }, 'unhandled promise rejection (kept serving)');
+    logger.error({ error: describeError(reason) }, 'unhandled promise rejection (kept serving)');
   });
   process.on('uncaughtException', (err) => {
-    logger.fatal({ err: describeError(err) }, 'uncaught exception; exiting');
+    logger.fatal({ error: describeError(err) }, 'uncaught exception; exiting');
     logger.flush(() => process.exit(1));
   });
 
@@ -129,7 +129,7 @@ async function run(config: Config, io: Io): Promise<void> {
     sidecar.shutdown().then(
       () => logger.flush(() => process.exit(0)),
       (err: unknown) => {
-        logger.error({ err: describeError(err) }, 'shutdown failed');
+        logger.error({ error: describeError(err) }, 'shutdown failed');
         logger.flush(() => process.exit(1));
       },
     );

@@ -27,7 +27,7 @@ export interface ProfileBinding {
 type Call = ServerDuplexStream<PeekedRequest, EncodedReply>;
 
 const EMPTY_REPLIES = new Map<RequestKind, EncodedReply>(
-  REQUEST_KIND_NAMES.map((kind) => [kind, encodeResponse(emptyReply(kind === 'request_headers' ? 'request_headers' : kind))]),
+  REQUEST_KIND_NAMES.map((kind) => [kind, encodeResponse(emptyReply(kind))]),
 );
 
 /** The `request_headers` answer of one profile, re-encoded only when its token changes. */
@@ -117,7 +117,7 @@ export class ExtProcService {
     call.on('close', closed);
     call.on('finish', closed);
     call.on('error', (err: Error) => {
-      this.logger.debug({ err: describeError(err) }, 'ext_proc stream error');
+      this.logger.debug({ error: describeError(err) }, 'ext_proc stream error');
     });
 
     const profileName = profileFromMetadata(call.metadata);
@@ -135,7 +135,7 @@ export class ExtProcService {
         this.onMessage(call, request, profileName, answer);
       } catch (err) {
         // Never let a bug close the stream cleanly: deny this request instead.
-        this.logger.error({ err: describeError(err), profile: profileName }, 'ext_proc handler failed; request denied');
+        this.logger.error({ error: describeError(err), profile: profileName }, 'ext_proc handler failed; request denied');
         call.write(this.internalErrorReply);
       }
     });
