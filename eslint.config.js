@@ -10,7 +10,7 @@ export default tseslint.config(
     rules: {
       'no-console': ['error'],
       '@typescript-eslint/no-explicit-any': 'off',
-      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_', destructuredArrayIgnorePattern: '^_' }],
+      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_', destructuredArrayIgnorePattern: '^_', ignoreRestSiblings: true }],
       // Sanitising peer input means matching control characters on purpose.
       'no-control-regex': 'off',
       eqeqeq: ['error', 'always'],

@@ -44,6 +44,8 @@ export interface ProfileConfig {
   readonly header: string;
   /** Lower-case names removed from every request: the subscription key plus the configured extras. */
   readonly removeHeaders: readonly string[];
+  /** Query parameters removed from `:path` (APIM also takes the key as `?subscription-key=`). */
+  readonly removeQueryParameters: readonly string[];
   readonly onFailure: OnFailure;
   /** HTTP status of the deny answer when no token is usable. */
   readonly failureStatus: number;
@@ -69,6 +71,7 @@ export interface Config {
 
 export const DEFAULT_PROFILE = 'default';
 export const SUBSCRIPTION_KEY_HEADER = 'ocp-apim-subscription-key';
+export const SUBSCRIPTION_KEY_QUERY = 'subscription-key';
 /** The statuses the deny answer may carry (proto/envoy/type/v3/http_status.proto lists the same). */
 export const FAILURE_STATUSES = [401, 403, 429, 500, 502, 503, 504] as const;
 
@@ -153,7 +156,7 @@ function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig |
   const at = `profiles.${name}`;
   const p = v.object(raw, at, [
     'tokenUrl', 'clientId', 'clientSecret', 'clientAuth', 'scope', 'resource', 'audience', 'extraParams',
-    'timeoutSeconds', 'header', 'subscriptionKeyHeader', 'removeHeaders', 'onFailure', 'failureStatus', 'refresh',
+    'timeoutSeconds', 'header', 'subscriptionKeyHeader', 'removeHeaders', 'removeQueryParameters', 'onFailure', 'failureStatus', 'refresh',
   ], true);
   if (p === undefined) return undefined;
 
@@ -197,6 +200,20 @@ function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig |
     }
   }
 
+  const removeQueryParameters: string[] = [];
+  if (p.removeQueryParameters === undefined || p.removeQueryParameters === null) {
+    removeQueryParameters.push(SUBSCRIPTION_KEY_QUERY);
+  } else if (!Array.isArray(p.removeQueryParameters)) {
+    v.problem(`${at}.removeQueryParameters`, 'must be a list of query parameter names ([] to keep the query as it is)');
+  } else {
+    p.removeQueryParameters.forEach((q: unknown, i: number) => {
+      const name = v.string(q, `${at}.removeQueryParameters[${i}]`, { required: true });
+      if (name === undefined) return;
+      if (/[&=#?\s]/.test(name)) v.problem(`${at}.removeQueryParameters[${i}]`, 'a query parameter name has no "&", "=", "#", "?" or spaces');
+      else removeQueryParameters.push(name);
+    });
+  }
+
   const onFailure = v.oneOf(p.onFailure, `${at}.onFailure`, ['deny', 'allow'], 'deny');
   const failureStatus = v.number(p.failureStatus, `${at}.failureStatus`, { default: 503, integer: true });
   if (!(FAILURE_STATUSES as readonly number[]).includes(failureStatus)) {
@@ -228,6 +245,7 @@ function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig |
     timeoutMs: Math.round(v.number(p.timeoutSeconds, `${at}.timeoutSeconds`, { default: 20, min: 0.1, max: 300 }) * 1000),
     header: header ?? 'authorization',
     removeHeaders: [...removeHeaders],
+    removeQueryParameters,
     onFailure,
     failureStatus,
     refresh,
@@ -487,6 +505,7 @@ export function describeConfig(config: Config): string {
     if (extras.length > 0) lines.push(`  extraParams: ${extras.join(', ')} (values hidden)`);
     lines.push(`  inject: ${p.header}`);
     lines.push(`  remove: ${p.removeHeaders.join(', ')}`);
+    if (p.removeQueryParameters.length > 0) lines.push(`  remove from the query: ${p.removeQueryParameters.join(', ')}`);
     lines.push(`  onFailure: ${p.onFailure}${p.onFailure === 'deny' ? ` (HTTP ${p.failureStatus})` : ''}`);
     lines.push(`  timeoutSeconds: ${p.timeoutMs / 1000}`);
     lines.push(`  refresh: at ${p.refresh.share} of the lifetime (±${p.refresh.jitter}), margin ${p.refresh.marginSeconds}s, backoff ${p.refresh.minBackoffSeconds}s..${p.refresh.maxBackoffSeconds}s`);

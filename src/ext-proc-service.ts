@@ -6,7 +6,7 @@ import { Metadata, status as grpcStatus, type ServerDuplexStream } from '@grpc/g
 import type { ProfileConfig } from './config.ts';
 import { DEFAULT_PROFILE } from './config.ts';
 import { describeError } from './errors.ts';
-import { continueWithoutToken, deny, emptyReply, injectToken } from './header-mutation.ts';
+import { continueWithoutToken, deny, emptyReply, injectToken, stripQueryParameters } from './header-mutation.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics, RequestOutcome } from './metrics.ts';
 import { decodeRequest, encodeResponse, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './protocol.ts';
@@ -38,10 +38,13 @@ class ProfileAnswer {
   private readonly outcomes: Record<RequestOutcome, { inc(): void }>;
   readonly config: ProfileConfig;
   private readonly tokens: TokenProvider;
+  /** `name=` of each query parameter to remove, to spot them in the raw message cheaply. */
+  private readonly queryNeedles: readonly Buffer[];
 
   constructor(config: ProfileConfig, tokens: TokenProvider, metrics: Metrics) {
     this.config = config;
     this.tokens = tokens;
+    this.queryNeedles = config.removeQueryParameters.map((name) => Buffer.from(`${name}=`, 'utf8'));
     const name = config.name;
     this.outcomes = {
       injected: metrics.requests.labels(name, 'injected'),
@@ -55,7 +58,7 @@ class ProfileAnswer {
     this.outcome = this.noTokenOutcome();
   }
 
-  answer(): EncodedReply {
+  answer(request: PeekedRequest): EncodedReply {
     const token = this.tokens.current();
     if (token !== this.token) {
       this.token = token;
@@ -63,7 +66,14 @@ class ProfileAnswer {
       this.outcome = token === undefined ? this.noTokenOutcome() : this.outcomes.injected;
     }
     this.outcome.inc();
-    return this.reply;
+    // Almost every request carries no key in its query: a byte search keeps them on the
+    // prebuilt reply. Only a hit pays for decoding the headers and encoding a reply of its own.
+    if (this.queryNeedles.length === 0 || !this.queryNeedles.some((n) => request.bytes.includes(n))) return this.reply;
+    if (token === undefined && this.config.onFailure === 'deny') return this.reply;
+    const path = pathOf(request);
+    const stripped = path === undefined ? undefined : stripQueryParameters(path, this.config.removeQueryParameters);
+    if (stripped === undefined) return this.reply;
+    return encodeResponse(token === undefined ? continueWithoutToken(this.config, stripped) : injectToken(this.config, token, stripped));
   }
 
   get outcomeName(): RequestOutcome {
@@ -160,7 +170,7 @@ export class ExtProcService {
       call.write(this.unknownProfileReply);
       return;
     }
-    const reply = answer.answer();
+    const reply = answer.answer(request);
     call.write(reply);
     if (this.logger.isLevelEnabled('debug')) this.logRequest(request, profileName, answer.outcomeName);
   }
@@ -187,6 +197,12 @@ export class ExtProcService {
       clientSent: config === undefined ? [] : [config.header, ...config.removeHeaders].filter((n) => names.has(n)),
     }, 'request_headers answered');
   }
+}
+
+function pathOf(request: PeekedRequest): string | undefined {
+  const headers: Array<{ key?: string; value?: string; raw_value?: Buffer }> = decodeRequest(request.bytes).request_headers?.headers?.headers ?? [];
+  const header = headers.find((h) => h.key === ':path');
+  return header === undefined ? undefined : headerValue(header);
 }
 
 /** Envoy ≥1.27 sends `raw_value`; older ones `value`. Read raw_value when it is not empty. */

@@ -37,16 +37,16 @@ export interface ImmediateResponse {
   details: string;
 }
 
-/** `request_headers` answer: set the token header, remove the subscription key and extras. */
-export function injectToken(profile: ProfileConfig, token: Token): ProcessingResponse {
+/**
+ * `request_headers` answer: set the token header, remove the subscription key and extras, and
+ * when `path` is given (a query parameter had to go), set `:path` to it.
+ */
+export function injectToken(profile: ProfileConfig, token: Token, path?: string): ProcessingResponse {
+  const set = [setHeader(profile.header, `${token.tokenType} ${token.accessToken}`)];
+  if (path !== undefined) set.push(setHeader(':path', path));
   return {
     request_headers: {
-      response: {
-        header_mutation: {
-          set_headers: [setHeader(profile.header, `${token.tokenType} ${token.accessToken}`)],
-          remove_headers: [...profile.removeHeaders],
-        },
-      },
+      response: { header_mutation: { set_headers: set, remove_headers: [...profile.removeHeaders] } },
     },
   };
 }
@@ -55,12 +55,37 @@ export function injectToken(profile: ProfileConfig, token: Token): ProcessingRes
  * `onFailure: allow` without a token: the request goes on without credentials. The client's own
  * value of the token header is removed too, so it can never reach the backend as if it were ours.
  */
-export function continueWithoutToken(profile: ProfileConfig): ProcessingResponse {
-  return {
-    request_headers: {
-      response: { header_mutation: { remove_headers: [profile.header, ...profile.removeHeaders] } },
-    },
-  };
+export function continueWithoutToken(profile: ProfileConfig, path?: string): ProcessingResponse {
+  const mutation: HeaderMutation = { remove_headers: [profile.header, ...profile.removeHeaders] };
+  if (path !== undefined) mutation.set_headers = [setHeader(':path', path)];
+  return { request_headers: { response: { header_mutation: mutation } } };
+}
+
+/**
+ * The request path without the named query parameters, or undefined when none is there. The
+ * other parameters keep their order and encoding byte for byte.
+ */
+export function stripQueryParameters(path: string, names: readonly string[]): string | undefined {
+  const q = path.indexOf('?');
+  if (q < 0 || names.length === 0) return undefined;
+  const kept: string[] = [];
+  let removed = false;
+  for (const pair of path.slice(q + 1).split('&')) {
+    const rawName = pair.split('=', 1)[0] ?? '';
+    if (names.includes(rawName) || names.includes(safeDecode(rawName))) removed = true;
+    else kept.push(pair);
+  }
+  if (!removed) return undefined;
+  const rest = kept.filter((p) => p !== '');
+  return rest.length === 0 ? path.slice(0, q) : `${path.slice(0, q)}?${rest.join('&')}`;
+}
+
+function safeDecode(s: string): string {
+  try {
+    return decodeURIComponent(s.replace(/\+/g, ' '));
+  } catch {
+    return s;
+  }
 }
 
 /** A local reply from Envoy: JSON body with a stable code, never a secret. */

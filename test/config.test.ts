@@ -54,6 +54,7 @@ test('the DESIGN.md example works as written, with every default filled in', () 
       timeoutMs: 20_000,
       header: 'authorization',
       removeHeaders: ['ocp-apim-subscription-key'],
+      removeQueryParameters: ['subscription-key'],
       onFailure: 'deny',
       failureStatus: 503,
       refresh: { share: 0.5, jitter: 0.05, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60 },

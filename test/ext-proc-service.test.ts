@@ -80,6 +80,35 @@ test('a new token is used from the next request on', async () => {
   assert.deepEqual(setHeaders((await client.exchange(requestHeaders(TYPICAL_HEADERS))).reply), { authorization: 'Bearer second' });
 });
 
+test('a subscription key in the query string is removed from :path too; the other parameters stay as they were', async () => {
+  tokens.default = token('t');
+  const headers = TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, '/orders/42?a=1&subscription-key=0123456789abcdef&b=%2F+x'] : [k, v]));
+  const { reply } = await client.exchange(requestHeaders(headers));
+  assert.deepEqual(reply, {
+    response: 'request_headers',
+    request_headers: {
+      response: {
+        header_mutation: {
+          set_headers: [
+            { header: { key: 'authorization', raw_value: Buffer.from('Bearer t') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
+            { header: { key: ':path', raw_value: Buffer.from('/orders/42?a=1&b=%2F+x') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
+          ],
+          remove_headers: ['ocp-apim-subscription-key'],
+        },
+      },
+    },
+  });
+  // The same bytes elsewhere (a referer) do not touch :path.
+  const elsewhere = [...TYPICAL_HEADERS, ['referer', 'https://portal.test/?subscription-key=zzz'] as [string, string]];
+  assert.deepEqual((await client.exchange(requestHeaders(elsewhere))).reply, authorizationMutation('Bearer t'));
+  // Without a token and onFailure allow, the query is still cleaned.
+  tokens.lenient = undefined;
+  const lenient = (await client.exchange(requestHeaders(headers), { profile: 'lenient' })).reply;
+  assert.deepEqual(lenient.request_headers.response.header_mutation.set_headers, [
+    { header: { key: ':path', raw_value: Buffer.from('/orders/42?a=1&b=%2F+x') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
+  ]);
+});
+
 test('every other event gets an empty reply of its own kind, one per message, in order, on one stream', async () => {
   tokens.default = token('t');
   const call = client.open();
@@ -195,7 +224,7 @@ test('requests are counted by profile and outcome; open streams return to zero',
   const text = await metrics.registry.getSingleMetricAsString('oauth2_extproc_requests_total');
   assert.match(text, /oauth2_extproc_requests_total\{profile="default",outcome="injected"\} \d+/);
   assert.match(text, /oauth2_extproc_requests_total\{profile="default",outcome="denied"\} 1/);
-  assert.match(text, /oauth2_extproc_requests_total\{profile="lenient",outcome="allowed_without_token"\} 1/);
+  assert.match(text, /oauth2_extproc_requests_total\{profile="lenient",outcome="allowed_without_token"\} 2/);
   assert.match(text, /oauth2_extproc_requests_total\{profile="nope",outcome="unknown_profile"\} 3/);
   await new Promise((resolve) => setTimeout(resolve, 50));
   assert.equal(service.streamsOpen, 0);

@@ -31,6 +31,7 @@ function profile(refresh: Partial<RefreshConfig> = {}, overrides: Partial<Profil
     timeoutMs: 20_000,
     header: 'authorization',
     removeHeaders: ['ocp-apim-subscription-key'],
+    removeQueryParameters: ['subscription-key'],
     onFailure: 'deny',
     failureStatus: 503,
     refresh: { share: 0.5, jitter: 0, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60, ...refresh },

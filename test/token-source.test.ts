@@ -48,6 +48,7 @@ function profile(client: TestClient, overrides: Partial<ProfileConfig> = {}): Pr
     timeoutMs: 5000,
     header: 'authorization',
     removeHeaders: ['ocp-apim-subscription-key'],
+    removeQueryParameters: ['subscription-key'],
     onFailure: 'deny',
     failureStatus: 503,
     refresh: { share: 0.5, jitter: 0.05, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60 },
