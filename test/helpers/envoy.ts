@@ -6,6 +6,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { deepStrictEqual } from 'node:assert/strict';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { request as httpRequest } from 'node:http';
 import { fileURLToPath } from 'node:url';
 import { parse, stringify } from 'yaml';
 import { findEnvoy as findEnvoyBinary, HOW_TO_GET_ENVOY } from '../../scripts/ensure-envoy.ts';
@@ -134,6 +135,8 @@ export async function startEnvoy(options: StartEnvoyOptions): Promise<EnvoyProce
     '--admin-address-path', adminPathFile,
     '--log-level', options.logLevel ?? 'warn',
     '--concurrency', '2',
+    // Access-log lines reach stdout within 100 ms (default: 10 s), so tests can read them.
+    '--file-flush-interval-msec', '100',
   ], { stdio: ['ignore', 'pipe', 'pipe'] });
 
   const accessLog: string[] = [];
@@ -210,6 +213,43 @@ async function waitFor<T>(probe: () => Promise<T | undefined>, exitCode: () => n
     const value = await probe();
     if (value !== undefined) return value;
     if (Date.now() > deadline) throw new Error(`envoy not ready within ${timeoutMs} ms:\n${log.slice(-30).join('\n')}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+export interface Reply {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  body: string;
+}
+
+/**
+ * One HTTP/1.1 request, with headers given as written on the wire (`[name, value, name, value…]`),
+ * so a test can send a header twice or in any case, which fetch() would merge or normalise.
+ */
+export function send(url: string, options: { method?: string; headers?: string[]; body?: string } = {}): Promise<Reply> {
+  return new Promise((resolve, reject) => {
+    // With headers as an array Node adds none of its own, not even Host (HTTP/1.1 needs it).
+    const headers = ['host', new URL(url).host, ...(options.headers ?? [])];
+    if (options.body !== undefined) headers.push('content-length', String(Buffer.byteLength(options.body)));
+    const req = httpRequest(url, { method: options.method ?? 'GET', headers, agent: false }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end(options.body);
+  });
+}
+
+/** Waits until `check` returns a value (polling), or fails with `what`. */
+export async function eventually<T>(what: string, check: () => T | undefined | Promise<T | undefined>, timeoutMs = 10_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
 }
