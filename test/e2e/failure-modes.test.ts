@@ -67,6 +67,15 @@ describe('the token endpoint is down when the sidecar starts', { skip }, () => {
     assert.deepEqual((await ready.json() as { profiles: unknown }).profiles, { default: 'no_token' });
   });
 
+  test('a denied request leaves no key in the access log, even one sent in the query string', async () => {
+    const reply = await send(`${envoy.url}/orders/2?subscription-key=${KEY}`, { headers: ['Ocp-Apim-Subscription-Key', KEY] });
+    assert.equal(reply.status, 503);
+    const line = await accessLine(envoy, '/orders/2');
+    assert.equal(line.status, 503);
+    assert.ok(!envoy.accessLog.join('\n').includes(KEY));
+    assert.equal(backend.tally.total, 0);
+  });
+
   test('a route naming a profile the sidecar does not have gets a 500 that says so', async () => {
     const reply = await send(`${envoy.url}/reports/monthly`, { headers: ['Ocp-Apim-Subscription-Key', KEY] });
     assert.equal(reply.status, 500);
