@@ -84,6 +84,7 @@ describe('the token endpoint is down when the sidecar starts', { skip }, () => {
     assert.equal(body.error, denyReasons.unknownProfile.code);
     assert.equal(body.message, denyReasons.unknownProfile.message);
     assert.equal(backend.tally.total, 0);
+    assert.equal((await accessLine(envoy, '/reports/monthly')).details, 'oauth2_extproc_oauth2_err_unknown_profile');
     await sidecar.waitForLog((r) => r.level === 'warn' && r.profile === 'reports');
   });
 
