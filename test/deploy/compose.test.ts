@@ -64,9 +64,10 @@ test('every image is pinned to a version', () => {
 });
 
 test('Envoy: the official image, at the version the end-to-end tests run', { skip: findEnvoy() === undefined ? 'no Envoy binary to compare with' : false }, () => {
-  const m = /^envoyproxy\/envoy:(?:distroless-)?v(\d+\.\d+\.\d+)$/.exec(services.envoy.image);
+  const m = /^envoyproxy\/envoy:(?:distroless-)?v(\d+\.\d+)\.\d+$/.exec(services.envoy.image);
   assert.ok(m, services.envoy.image);
-  assert.equal(m[1], envoyVersion(findEnvoy()!));
+  // The same release line (a patch release of either side does not change the config's meaning).
+  assert.equal(m[1], envoyVersion(findEnvoy()!).split('.').slice(0, 2).join('.'));
 });
 
 test('Envoy runs envoy/envoy.yaml itself, the file the end-to-end tests run', () => {
