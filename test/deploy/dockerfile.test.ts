@@ -91,8 +91,10 @@ test('the entry point serves as the image user, writing nothing in the image', {
   const [uid, gid] = build.user!.split(':');
   const dir = mkdtempSync(join(tmpdir(), 'oauth2-extproc-ro-'));
   chmodSync(dir, 0o755);
-  // The build ran as root: the image user may read but not write any of it.
-  for (let p = build.root; p !== '/'; p = join(p, '..')) chmodSync(p, 0o755);
+  // The build ran as root: the image user may read but not write any of it. Open only the
+  // build's own folders (mkdtemp made the top one 0700), never anything above them.
+  const top = join(build.root, '..');
+  for (const p of [top, build.root]) chmodSync(p, 0o755);
   const config = join(dir, 'config.yaml');
   writeFileSync(config, [
     'server: { grpc: "127.0.0.1:0", admin: "127.0.0.1:0", shutdownGraceSeconds: 1 }',
