@@ -4,7 +4,7 @@
 // on the ports those services listen on; the sidecar's mounted config passes check-config.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -127,6 +127,7 @@ test('every file compose mounts exists, and the mounted sidecar config passes ch
   const config = join(dir, 'config.yaml');
   writeFileSync(config, readFileSync(join(REPO, sidecarConfigPath!), 'utf8').replaceAll('/run/secrets/', `${dir}/`));
   const out = await runCli(['check-config', '--config', config]);
+  rmSync(dir, { recursive: true, force: true });
   assert.equal(out.code, 0, out.stderr);
   assert.doesNotMatch(out.stdout, /local-demo-secret/, 'check-config prints no secret');
 });

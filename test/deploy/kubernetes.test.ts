@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { parse, parseAllDocuments } from 'yaml';
@@ -193,6 +193,7 @@ test("the sidecar's config passes its own check-config (Secret files and env as 
   writeFileSync(join(dir, 'config.yaml'), text);
   const env = Object.fromEntries(sidecar.env.map((e: any) => [e.name, secret.stringData[e.valueFrom.secretKeyRef.key]]));
   const out = await runCli(['check-config', '--config', join(dir, 'config.yaml')], env);
+  rmSync(dir, { recursive: true, force: true });
   assert.equal(out.code, 0, out.stderr);
   // Each profile Envoy's routes name exists.
   const named = [...envoyConfigText.matchAll(/key: x-oauth2-profile, value: ([\w.-]+)/g)].map((m) => m[1]!);

@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ENVOY_DIR, ENVOY_MISSING, findEnvoy, loadShippedConfig, maskAddresses, rewriteEnvoyConfig } from '../helpers/envoy.ts';
@@ -36,6 +36,7 @@ test('envoy --mode validate rejects a misspelt field (the check can fail)', { sk
   const bad = join(dir, 'bad.yaml');
   writeFileSync(bad, readFileSync(join(ENVOY_DIR, 'envoy.yaml'), 'utf8').replace('failure_mode_allow: false', 'failure_mode_alow: false'));
   const { code, output } = validate(bad);
+  rmSync(dir, { recursive: true, force: true });
   assert.notEqual(code, 0);
   assert.match(output, /no\s+such\s+field:\s+'failure_mode_alow'/);
 });
