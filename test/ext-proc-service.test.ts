@@ -170,7 +170,9 @@ test('an unknown profile is denied with 500 and logged once, naming the metadata
   for (let i = 0; i < 3; i++) {
     const { reply } = await client.exchange(requestHeaders(TYPICAL_HEADERS), { profile: 'nope' });
     assert.equal(reply.immediate_response.status.code, 'InternalServerError');
-    assert.equal(JSON.parse(reply.immediate_response.body.toString()).error, 'OAUTH2_ERR_UNKNOWN_PROFILE');
+    assert.deepEqual(JSON.parse(reply.immediate_response.body.toString()), {
+      error: 'OAUTH2_ERR_UNKNOWN_PROFILE', message: 'the stream names a profile that is not configured', profile: 'nope',
+    });
   }
   const warnings = logLines.filter((l) => l.level === 'warn');
   assert.equal(warnings.length, 1);

@@ -1,9 +1,9 @@
 // Starts the real sidecar through its CLI (`node src/main.ts --config FILE`) on ephemeral ports,
 // and collects what it prints.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
 
@@ -63,6 +63,8 @@ export async function startSidecar(options: StartOptions): Promise<SidecarProces
     env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
+  // The temporary folder is ours unless the caller chose it.
+  if (options.dir === undefined) child.on('close', () => rmSync(dirname(file), { recursive: true, force: true }));
   const stdout: string[] = [];
   const stderr: string[] = [];
   const waiters: Array<{ match: (r: Record<string, any>) => boolean; resolve: (r: Record<string, any>) => void }> = [];
