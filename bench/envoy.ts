@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { parse, stringify } from 'yaml';
+import { track } from './cleanup.ts';
 
 export const BENCH_ENVOY_DIR = fileURLToPath(new URL('./envoy/', import.meta.url));
 const SHIPPED = fileURLToPath(new URL('../envoy/envoy.yaml', import.meta.url));
@@ -51,15 +52,15 @@ export async function startBenchEnvoy(options: StartOptions): Promise<BenchEnvoy
   const file = join(dir, options.config);
   writeFileSync(file, stringify(config));
   const adminPath = join(dir, 'admin-address');
-  const child = spawn(options.bin, [
+  const child = track(spawn(options.bin, [
     '--config-path', file,
     '--admin-address-path', adminPath,
     '--concurrency', String(options.concurrency),
     '--disable-hot-restart',
     '--log-level', 'error',
-  ], { stdio: ['ignore', 'ignore', 'pipe'] });
+  ], { stdio: ['ignore', 'ignore', 'pipe'] }));
   const log: string[] = [];
-  child.stderr.on('data', (c: Buffer) => {
+  child.stderr!.on('data', (c: Buffer) => {
     log.push(c.toString('utf8'));
     if (log.length > 200) log.splice(0, 100);
   });

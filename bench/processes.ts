@@ -8,6 +8,7 @@ import * as grpc from '@grpc/grpc-js';
 import { ExtProcClient, requestHeaders, setHeaders, TYPICAL_HEADERS } from '../test/helpers/extproc-client.ts';
 import type { OAuthServer } from '../test/helpers/oauth-server.ts';
 import { profileFor, startSidecar, type SidecarProcess } from '../test/helpers/sidecar.ts';
+import { track } from './cleanup.ts';
 
 export type { SidecarProcess };
 
@@ -29,11 +30,15 @@ export function startBenchSidecar(o: SidecarOptions): Promise<SidecarProcess> {
   const env: NodeJS.ProcessEnv = {};
   // NODE_OPTIONS rather than argv: the helper starts the CLI itself; --cpu-prof is allowed there.
   if (o.cpuProfDir !== undefined) env.NODE_OPTIONS = `${process.env.NODE_OPTIONS ?? ''} --cpu-prof --cpu-prof-dir=${o.cpuProfDir}`.trim();
-  return startSidecar({
+  const started = startSidecar({
     // The production defaults (logging at info), as a user runs it.
     config: { server: { workers: o.workers, shutdownGraceSeconds: 2 }, profiles },
     env,
     waitReady: o.waitReady ?? true,
+  });
+  return started.then((s) => {
+    track(s.child);
+    return s;
   });
 }
 
@@ -47,7 +52,7 @@ const BARE = fileURLToPath(new URL('./bare-server.ts', import.meta.url));
 
 export async function startBareProcess(authorizationLength: number, options: { cpuProfDir?: string } = {}): Promise<BareServer> {
   const flags = options.cpuProfDir === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${options.cpuProfDir}`];
-  const child: ChildProcess = spawn(process.execPath, [...flags, BARE, '--listen', '127.0.0.1:0', '--authorization-length', String(authorizationLength)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child: ChildProcess = track(spawn(process.execPath, [...flags, BARE, '--listen', '127.0.0.1:0', '--authorization-length', String(authorizationLength)], { stdio: ['ignore', 'pipe', 'inherit'] }));
   const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
   const address = await new Promise<string>((resolve, reject) => {
     let out = '';
