@@ -21,6 +21,8 @@ export interface SidecarOptions {
   profileExtra?: Record<string, any>;
   /** Write a V8 CPU profile into this directory when the sidecar exits. */
   cpuProfDir?: string;
+  /** Extra Node.js options (NODE_OPTIONS), e.g. heap limits. */
+  nodeOptions?: string;
   waitReady?: boolean;
 }
 
@@ -29,7 +31,9 @@ export function startBenchSidecar(o: SidecarOptions): Promise<SidecarProcess> {
   for (const [name, extra] of Object.entries(o.profiles ?? {})) profiles[name] = profileFor(o.idp, { ...o.profileExtra, ...extra });
   const env: NodeJS.ProcessEnv = {};
   // NODE_OPTIONS rather than argv: the helper starts the CLI itself; --cpu-prof is allowed there.
-  if (o.cpuProfDir !== undefined) env.NODE_OPTIONS = `${process.env.NODE_OPTIONS ?? ''} --cpu-prof --cpu-prof-dir=${o.cpuProfDir}`.trim();
+  const nodeOptions = [process.env.NODE_OPTIONS ?? '', o.nodeOptions ?? ''];
+  if (o.cpuProfDir !== undefined) nodeOptions.push('--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`);
+  if (nodeOptions.join('').trim() !== '') env.NODE_OPTIONS = nodeOptions.join(' ').trim();
   const started = startSidecar({
     // The production defaults (logging at info), as a user runs it.
     config: { server: { workers: o.workers, shutdownGraceSeconds: 2 }, profiles },
@@ -101,15 +105,25 @@ function processTree(pid: number): number[] {
 
 /** VmRSS of a process and of its child processes (the sidecar's workers), in bytes. */
 export function rssBytes(pid: number): number {
-  let total = 0;
+  return memoryOf(pid).rss;
+}
+
+/**
+ * Resident memory of a process tree from /proc/PID/status: all of it (VmRSS), and the anonymous
+ * part (RssAnon: the heaps and native allocations; the rest is mostly the node binary's pages).
+ */
+export function memoryOf(pid: number): { rss: number; anon: number } {
+  const out = { rss: 0, anon: 0 };
   for (const p of processTree(pid)) {
     try {
-      total += Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${p}/status`, 'utf8'))?.[1] ?? 0) * 1024;
+      const status = readFileSync(`/proc/${p}/status`, 'utf8');
+      out.rss += Number(/^VmRSS:\s+(\d+) kB/m.exec(status)?.[1] ?? 0) * 1024;
+      out.anon += Number(/^RssAnon:\s+(\d+) kB/m.exec(status)?.[1] ?? 0) * 1024;
     } catch {
       // gone
     }
   }
-  return total;
+  return out;
 }
 
 /** CPU time (user + system) used so far by a process and its descendants, in seconds. */
