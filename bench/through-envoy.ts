@@ -4,6 +4,7 @@
 // (d) the same ext_proc config pointed at the bare grpc-js server. HTTP/1.1 keep-alive clients;
 // a fixed moderate rate for latency, then as fast as it goes; turns alternate a, b, c, d, a, b…
 import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
 import { fmt, skipped, table, type BenchContext, type Section } from './context.ts';
 import { extprocDrift, startBenchEnvoy, type BenchEnvoy } from './envoy.ts';
 import { cpuSeconds, type BareServer, type SidecarProcess } from './processes.ts';
@@ -137,11 +138,13 @@ export async function throughEnvoy(ctx: BenchContext, setups: Setups): Promise<S
       for (const k of KEYS) {
         const server = k === 'c' || k === 'd' ? setups.servers[k] : undefined;
         const before = { envoy: cpuSeconds(setups.envoys[k].pid), server: server === undefined ? 0 : cpuSeconds(server), backend: cpuSeconds(setups.backend.pid) };
+        const t0 = performance.now();
         const result = await run(setups.envoys[k].url);
+        const wallSeconds = (performance.now() - t0) / 1000;
         const after = { envoy: cpuSeconds(setups.envoys[k].pid), server: server === undefined ? 0 : cpuSeconds(server), backend: cpuSeconds(setups.backend.pid) };
         if (result.failures > 0) throw new Error(`${NAMES[k]}, ${what}: ${result.failures} of ${result.requests} requests were not 2xx`);
-        // CPU over the whole turn (warm-up included) per request of the turn: approximate, comparable.
-        const perReq = (s: number): number => (s * 1e6) / result.requests;
+        // CPU over the whole turn, warm-up included, per request sent in it (rate × wall time).
+        const perReq = (s: number): number => (s * 1e6) / (result.rps * wallSeconds);
         out[k].push({ result, cpu: { envoy: perReq(after.envoy - before.envoy), server: perReq(after.server - before.server), backend: perReq(after.backend - before.backend) } });
       }
       ctx.log(`  ${what} round ${round + 1}: ` + KEYS.map((k) => `${k} ${fmt.int(out[k][round]!.result.rps)}/s p50 ${fmt.ms(out[k][round]!.result.latencyUs.p50)} p99 ${fmt.ms(out[k][round]!.result.latencyUs.p99)}`).join(', '));
@@ -175,11 +178,13 @@ export async function throughEnvoy(ctx: BenchContext, setups: Setups): Promise<S
     const dp50 = diff(rate, 'c', 'b', p50);
     const dp99 = diff(rate, 'c', 'b', p99);
     parts.push(
-      `At a fixed ${fmt.int(ctx.rate)} requests/s (h2load --h1, ${RATE_CLIENTS} connections at ${ctx.rate / RATE_CLIENTS}/s each, ${ctx.seconds + 1} s per turn); latency in ms from request to last byte:`,
+      `At a fixed ${fmt.int(ctx.rate)} requests/s (h2load --h1, ${RATE_CLIENTS} connections at ${ctx.rate / RATE_CLIENTS}/s each, ${ctx.seconds + 1} s per turn); latency in ms from request to last byte; ` +
+        'CPU in µs per request of the Envoy under test and of its ext_proc server (from /proc/PID/stat over the turn):',
       '',
-      table(['setup', 'req/s', 'p50', 'p99', 'p50 − (b)', 'p99 − (b)'], KEYS.map((k) => [
+      table(['setup', 'req/s', 'p50', 'p99', 'p50 − (b)', 'p99 − (b)', 'Envoy CPU', 'ext_proc CPU'], KEYS.map((k) => [
         NAMES[k], fmt.int(med(rate[k], (t) => t.result.rps)), fmt.ms(med(rate[k], p50)), fmt.ms(med(rate[k], p99)),
         k === 'b' ? '' : fmt.signedMs(diff(rate, k, 'b', p50)), k === 'b' ? '' : fmt.signedMs(diff(rate, k, 'b', p99)),
+        med(rate[k], (t) => t.cpu.envoy).toFixed(0), k === 'c' || k === 'd' ? med(rate[k], (t) => t.cpu.server).toFixed(0) : '',
       ])),
       '',
       `Added by (c) over (b): p50 **${fmt.signedMs(dp50)} ms** (target ≤ 0.25 ms: ${dp50 <= 250 ? 'met' : `missed by ${fmt.ms(dp50 - 250)} ms`}), ` +
@@ -195,8 +200,8 @@ export async function throughEnvoy(ctx: BenchContext, setups: Setups): Promise<S
   const sat = await turns('saturation', saturate);
   const satRatio = ratio(sat, 'c', 'b');
   parts.push(
-    `As fast as it goes (${saturationTool}, ${ctx.seconds} s per turn), everything sharing the same CPUs. CPU columns: µs of CPU time per request ` +
-      'used by the Envoy under test, by its ext_proc server, and by the backend Envoy (from /proc/PID/stat over the turn):',
+    `As fast as it goes (${saturationTool}, ${ctx.seconds} s per turn), everything sharing the same CPUs; CPU in µs per request ` +
+      'of the Envoy under test, of its ext_proc server, and of the backend Envoy:',
     '',
     table(['setup', 'req/s', 'p50', 'p99', 'vs (b)', 'vs (a)', 'Envoy CPU', 'ext_proc CPU', 'backend CPU'], KEYS.map((k) => [
       NAMES[k], fmt.int(med(sat[k], (t) => t.result.rps)), fmt.ms(med(sat[k], p50)), fmt.ms(med(sat[k], p99)),
