@@ -156,16 +156,22 @@ async function main(): Promise<number> {
 
   const minutes = ((Date.now() - started) / 60_000).toFixed(1);
   const cpu = cpus();
+  const command = `${process.env.npm_lifecycle_event === 'bench' ? 'npm run bench' : 'npx node bench/run.ts'}${process.argv.slice(2).length > 0 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}`;
+  const when = `${new Date(started).toISOString().slice(0, 16).replace('T', ' ')} UTC`;
   const setup = [
     '### Machine and versions',
     '',
-    `- ${cpu.length} × ${cpu[0]?.model.trim() ?? 'unknown CPU'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, Linux ${release()}; load average ${load.toFixed(2)} when the run started (other work shares this machine: read ratios, not absolutes).`,
+    `- ${cpu.length} × ${cpu[0]?.model.trim() ?? 'unknown CPU'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, Linux ${release()}; other work shares this machine: read ratios, not absolutes.`,
     `- Node ${process.version}, @grpc/grpc-js ${packageVersion('@grpc/grpc-js')}; Envoy ${tools.envoy.version || 'missing'}; ${tools.h2load.version || 'h2load missing'}; ${tools.wrk.version || 'wrk missing'}.`,
-    `- \`${process.env.npm_lifecycle_event === 'bench' ? 'npm run bench' : 'npx node bench/run.ts'}${process.argv.slice(2).length > 0 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}\` with ` +
-      `BENCH_SECONDS=${ctx.seconds} BENCH_ROUNDS=${ctx.rounds} BENCH_RATE=${ctx.rate} BENCH_SOAK_SECONDS=${ctx.soakSeconds} BENCH_WORKERS=${ctx.workers} BENCH_ENVOY_CONCURRENCY=${ctx.envoyConcurrency}; ` +
-      `${new Date(started).toISOString().slice(0, 16).replace('T', ' ')} UTC, ${minutes} min.`,
+    `- Last run: \`${command}\`, ${when}, ${minutes} min; each part below names the run it comes from.`,
     '',
   ].join('\n');
+  // Each part says which run measured it, since `--only` rewrites some parts and not others.
+  const provenance = `_Measured by \`${command}\` with BENCH_SECONDS=${ctx.seconds} BENCH_ROUNDS=${ctx.rounds} BENCH_RATE=${ctx.rate} ` +
+    `BENCH_SOAK_SECONDS=${ctx.soakSeconds} BENCH_WORKERS=${ctx.workers} BENCH_ENVOY_CONCURRENCY=${ctx.envoyConcurrency}, ${when}, load average ${load.toFixed(2)} at the start._`;
+  for (const s of sections) {
+    if (!s.skipped) s.markdown = s.markdown.replace(/^(### [^\n]*\n)/, `$1\n${provenance}\n`);
+  }
   sections.unshift({ id: 'setup', markdown: setup });
 
   console.log('');
