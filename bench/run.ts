@@ -156,7 +156,9 @@ async function main(): Promise<number> {
 
   const minutes = ((Date.now() - started) / 60_000).toFixed(1);
   const cpu = cpus();
-  const command = `${process.env.npm_lifecycle_event === 'bench' ? 'npm run bench' : 'npx node bench/run.ts'}${process.argv.slice(2).length > 0 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}`;
+  const viaNpm = process.env.npm_lifecycle_event === 'bench';
+  const args = process.argv.slice(2).join(' ');
+  const command = `${viaNpm ? 'npm run bench' : 'npx node bench/run.ts'}${args === '' ? '' : viaNpm ? ` -- ${args}` : ` ${args}`}`;
   const when = `${new Date(started).toISOString().slice(0, 16).replace('T', ' ')} UTC`;
   const setup = [
     '### Machine and versions',
