@@ -92,6 +92,11 @@ export async function memory(ctx: BenchContext, idp: OAuthServer, backend: Bench
       const peak = Math.max(s.end!.rss, ...s.samples.map((x) => x.rss));
       const quartiles = [0.25, 0.5, 0.75].map((q) => s.samples[Math.floor(q * s.samples.length)]).filter((x) => x !== undefined);
       const grew = s.end!.anon - s.warm!.anon;
+      // A step in the series is told from growth per request by when it happens: a token refresh
+      // (logged by the sidecar) is a one-off, steady growth goes on through the second half.
+      const refreshes = s.sidecar.logs().filter((r) => r.msg === 'token fetched' && typeof r.time === 'number' && r.time >= started)
+        .map((r) => Math.round((r.time - started) / 1000));
+      const secondHalf = s.samples.slice(Math.floor(s.samples.length / 2)).map((x) => x.anon);
       ctx.log(`  memory, ${s.name}: idle ${fmt.mb(s.idle.rss)} MB, warm ${fmt.mb(s.warm!.rss)} MB, end ${fmt.mb(s.end!.rss)} MB (anon ${fmt.mb(s.warm!.anon)} → ${fmt.mb(s.end!.anon)}), peak ${fmt.mb(peak)} MB`);
       parts.push(
         `**${s.name}**: ${fmt.int(outcomes.injected ?? 0)} streams answered with the token, ${fmt.int(requests)} requests sent, ${failures} not 2xx.`,
@@ -106,7 +111,9 @@ export async function memory(ctx: BenchContext, idp: OAuthServer, backend: Bench
         '',
         `Anonymous memory from warm-up to the end: ${grew >= 0 ? '+' : '−'}${fmt.mb(Math.abs(grew))} MB over ${fmt.int(s.load![1]!.requests)} requests ` +
           `(${fmt.int(grew / s.load![1]!.requests)} bytes per request). Against the 100 MB target: peak RSS ${fmt.mb(peak)} MB (${peak <= 100 * 2 ** 20 ? 'met' : 'over'}), ` +
-          `anonymous part at the end ${fmt.mb(s.end!.anon)} MB (${s.end!.anon <= 100 * 2 ** 20 ? 'met' : 'over'}).`,
+          `anonymous part at the end ${fmt.mb(s.end!.anon)} MB (${s.end!.anon <= 100 * 2 ** 20 ? 'met' : 'over'}). ` +
+          `Anonymous memory over the second half of the soak: ${fmt.mb(Math.min(...secondHalf))}–${fmt.mb(Math.max(...secondHalf))} MB. ` +
+          `Token refreshes during the soak: ${refreshes.length === 0 ? 'none' : `at ${refreshes.map((t) => `${t} s`).join(', ')}`}.`,
         '',
       );
     }
