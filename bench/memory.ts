@@ -94,8 +94,10 @@ export async function memory(ctx: BenchContext, idp: OAuthServer, backend: Bench
       const grew = s.end!.anon - s.warm!.anon;
       // A step in the series is told from growth per request by when it happens: a token refresh
       // (logged by the sidecar) is a one-off, steady growth goes on through the second half.
-      const refreshes = s.sidecar.logs().filter((r) => r.msg === 'token fetched' && typeof r.time === 'number' && r.time >= started)
-        .map((r) => Math.round((r.time - started) / 1000));
+      const refreshes = s.sidecar.logs().filter((r) => r.msg === 'token fetched')
+        .map((r) => (typeof r.time === 'number' ? r.time : Date.parse(String(r.time))) - started)
+        .filter((ms) => ms >= 0)
+        .map((ms) => Math.round(ms / 1000));
       const secondHalf = s.samples.slice(Math.floor(s.samples.length / 2)).map((x) => x.anon);
       ctx.log(`  memory, ${s.name}: idle ${fmt.mb(s.idle.rss)} MB, warm ${fmt.mb(s.warm!.rss)} MB, end ${fmt.mb(s.end!.rss)} MB (anon ${fmt.mb(s.warm!.anon)} → ${fmt.mb(s.end!.anon)}), peak ${fmt.mb(peak)} MB`);
       parts.push(
