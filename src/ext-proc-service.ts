@@ -30,29 +30,30 @@ const EMPTY_REPLIES = new Map<RequestKind, EncodedReply>(
   REQUEST_KIND_NAMES.map((kind) => [kind, encodeResponse(emptyReply(kind))]),
 );
 
+/** `request_headers` answered per outcome: plain integers, read by /metrics when scraped. */
+type OutcomeCounts = Record<RequestOutcome, number>;
+
+function zeroCounts(): OutcomeCounts {
+  return { injected: 0, denied: 0, allowed_without_token: 0, unknown_profile: 0 };
+}
+
+const PERCENT = 0x25;
+
 /** The `request_headers` answer of one profile, re-encoded only when its token changes. */
 class ProfileAnswer {
   private token: Token | undefined;
   private reply: EncodedReply;
-  private outcome: { inc(): void };
-  private readonly outcomes: Record<RequestOutcome, { inc(): void }>;
+  private outcome: RequestOutcome;
+  readonly counts: OutcomeCounts = zeroCounts();
   readonly config: ProfileConfig;
   private readonly tokens: TokenProvider;
   /** `name=` of each query parameter to remove, to spot them in the raw message cheaply. */
   private readonly queryNeedles: readonly Buffer[];
 
-  constructor(config: ProfileConfig, tokens: TokenProvider, metrics: Metrics) {
+  constructor(config: ProfileConfig, tokens: TokenProvider) {
     this.config = config;
     this.tokens = tokens;
     this.queryNeedles = config.removeQueryParameters.map((name) => Buffer.from(`${name}=`, 'utf8'));
-    const name = config.name;
-    this.outcomes = {
-      injected: metrics.requests.labels(name, 'injected'),
-      denied: metrics.requests.labels(name, 'denied'),
-      allowed_without_token: metrics.requests.labels(name, 'allowed_without_token'),
-      unknown_profile: metrics.requests.labels(name, 'unknown_profile'),
-      passthrough: metrics.requests.labels(name, 'passthrough'),
-    };
     this.token = undefined;
     this.reply = this.encodeWithout();
     this.outcome = this.noTokenOutcome();
@@ -63,12 +64,10 @@ class ProfileAnswer {
     if (token !== this.token) {
       this.token = token;
       this.reply = token === undefined ? this.encodeWithout() : encodeResponse(injectToken(this.config, token));
-      this.outcome = token === undefined ? this.noTokenOutcome() : this.outcomes.injected;
+      this.outcome = token === undefined ? this.noTokenOutcome() : 'injected';
     }
-    this.outcome.inc();
-    // Almost every request carries no key in its query: a byte search keeps them on the
-    // prebuilt reply. Only a hit pays for decoding the headers and encoding a reply of its own.
-    if (this.queryNeedles.length === 0 || !this.queryNeedles.some((n) => request.bytes.includes(n))) return this.reply;
+    this.counts[this.outcome]++;
+    if (!this.mayCarryQueryParameter(request.bytes)) return this.reply;
     if (token === undefined && this.config.onFailure === 'deny') return this.reply;
     const path = pathOf(request);
     const stripped = path === undefined ? undefined : stripQueryParameters(path, this.config.removeQueryParameters);
@@ -77,7 +76,19 @@ class ProfileAnswer {
   }
 
   get outcomeName(): RequestOutcome {
-    return this.token !== undefined ? 'injected' : this.config.onFailure === 'allow' ? 'allowed_without_token' : 'denied';
+    return this.outcome;
+  }
+
+  /**
+   * Almost every request carries no key in its query: a byte search over the raw message keeps
+   * them on the prebuilt reply, and only a hit pays for decoding the headers. A `%` anywhere
+   * counts as a hit too, since `subscription%2Dkey=` is the same parameter to the backend.
+   */
+  private mayCarryQueryParameter(bytes: Buffer): boolean {
+    const needles = this.queryNeedles;
+    if (needles.length === 0) return false;
+    for (let i = 0; i < needles.length; i++) if (bytes.includes(needles[i]!)) return true;
+    return bytes.includes(PERCENT);
   }
 
   private encodeWithout(): EncodedReply {
@@ -86,27 +97,31 @@ class ProfileAnswer {
       : deny(this.config.failureStatus, 'noToken', this.config.name));
   }
 
-  private noTokenOutcome(): { inc(): void } {
-    return this.config.onFailure === 'allow' ? this.outcomes.allowed_without_token : this.outcomes.denied;
+  private noTokenOutcome(): RequestOutcome {
+    return this.config.onFailure === 'allow' ? 'allowed_without_token' : 'denied';
   }
 }
+
+/** Names Envoy sent that are not configured; past this many, they are counted under one label. */
+const UNKNOWN_PROFILES_TRACKED = 100;
+const OTHER_UNKNOWN_PROFILE = '(other)';
 
 export class ExtProcService {
   private readonly answers = new Map<string, ProfileAnswer>();
   private readonly logger: Logger;
-  private readonly metrics: Metrics;
   /** Deny answers for names Envoy sent that are not configured (bounded: they come from Envoy's config). */
   private readonly unknownProfileReplies = new Map<string, EncodedReply>();
   private readonly internalErrorReply = encodeResponse(deny(500, 'internal', ''));
   private readonly unknownProfilesLogged = new Set<string>();
+  private readonly unknownProfileCounts = new Map<string, number>();
   private openStreams = 0;
 
   constructor(options: { profiles: readonly ProfileBinding[]; logger: Logger; metrics: Metrics }) {
-    for (const p of options.profiles) this.answers.set(p.config.name, new ProfileAnswer(p.config, p.tokens, options.metrics));
+    for (const p of options.profiles) this.answers.set(p.config.name, new ProfileAnswer(p.config, p.tokens));
     this.logger = options.logger;
-    this.metrics = options.metrics;
-    // Read at scrape time: no per-stream gauge arithmetic through prom-client.
-    this.metrics.observeOpenStreams(() => this.openStreams);
+    // Both read at scrape time: no per-message label lookup or gauge arithmetic in prom-client.
+    options.metrics.observeOpenStreams(() => this.openStreams);
+    options.metrics.observeRequests(() => this.requestCounts());
   }
 
   get streamsOpen(): number {
@@ -116,30 +131,15 @@ export class ExtProcService {
   /** The grpc-js handler for ExternalProcessor/Process. */
   readonly process = (call: Call): void => {
     this.openStreams++;
-    let open = true;
-    const closed = (): void => {
-      if (open) {
-        open = false;
-        this.openStreams--;
-      }
-    };
-    // 'cancelled' is emitted for every finished call, not only failed ones: bookkeeping only.
-    call.on('cancelled', closed);
-    call.on('close', closed);
-    call.on('finish', closed);
-    call.on('error', (err: Error) => {
-      this.logger.debug({ error: describeError(err) }, 'ext_proc stream error');
-    });
+    // Listeners shared by every stream: only 'data' needs a closure of its own. A server call
+    // emits 'close' once, whether it ended cleanly or was cancelled or reset.
+    call.once('close', this.streamClosed);
+    call.on('error', this.streamError);
+    call.on('end', endCall);
 
     const profileName = profileFromMetadata(call.metadata);
     const answer = this.answers.get(profileName);
-    if (answer === undefined && !this.unknownProfilesLogged.has(profileName) && this.unknownProfilesLogged.size < 100) {
-      this.unknownProfilesLogged.add(profileName);
-      this.logger.warn(
-        { profile: profileName.slice(0, 100), metadataKey: PROFILE_METADATA_KEY, configured: [...this.answers.keys()] },
-        'an ext_proc stream names a profile that is not configured: check grpc_initial_metadata in the Envoy route config; these requests are denied',
-      );
-    }
+    if (answer === undefined) this.warnUnknownProfile(profileName);
 
     call.on('data', (request: PeekedRequest) => {
       try {
@@ -150,9 +150,31 @@ export class ExtProcService {
         call.write(this.internalErrorReply);
       }
     });
-    // Envoy half-closed its side: finish ours (graceful close, no reset needed).
-    call.on('end', () => call.end());
   };
+
+  private readonly streamClosed = (): void => {
+    this.openStreams--;
+  };
+
+  private readonly streamError = (err: Error): void => {
+    this.logger.debug({ error: describeError(err) }, 'ext_proc stream error');
+  };
+
+  private warnUnknownProfile(profileName: string): void {
+    if (this.unknownProfilesLogged.has(profileName) || this.unknownProfilesLogged.size >= UNKNOWN_PROFILES_TRACKED) return;
+    this.unknownProfilesLogged.add(profileName);
+    this.logger.warn(
+      { profile: profileName.slice(0, 100), metadataKey: PROFILE_METADATA_KEY, configured: [...this.answers.keys()] },
+      'an ext_proc stream names a profile that is not configured: check grpc_initial_metadata in the Envoy route config; these requests are denied',
+    );
+  }
+
+  private *requestCounts(): Generator<readonly [string, RequestOutcome, number]> {
+    for (const [name, answer] of this.answers) {
+      for (const outcome of Object.keys(answer.counts) as RequestOutcome[]) yield [name, outcome, answer.counts[outcome]];
+    }
+    for (const [name, count] of this.unknownProfileCounts) yield [name, 'unknown_profile', count];
+  }
 
   private onMessage(call: Call, request: PeekedRequest, profileName: string, answer: ProfileAnswer | undefined): void {
     if (request.observabilityMode) return; // Envoy forbids replies in observability mode.
@@ -168,7 +190,8 @@ export class ExtProcService {
     }
     if (answer === undefined) {
       const name = profileName.slice(0, 64);
-      this.metrics.requests.labels(name, 'unknown_profile').inc();
+      const counted = this.unknownProfileCounts.has(name) || this.unknownProfileCounts.size < UNKNOWN_PROFILES_TRACKED ? name : OTHER_UNKNOWN_PROFILE;
+      this.unknownProfileCounts.set(counted, (this.unknownProfileCounts.get(counted) ?? 0) + 1);
       let reply = this.unknownProfileReplies.get(name);
       if (reply === undefined) {
         reply = encodeResponse(deny(500, 'unknownProfile', name));
@@ -204,6 +227,11 @@ export class ExtProcService {
       clientSent: config === undefined ? [] : [config.header, ...config.removeHeaders].filter((n) => names.has(n)),
     }, 'request_headers answered');
   }
+}
+
+/** Envoy half-closed its side: finish ours (graceful close, no reset needed). */
+function endCall(this: Call): void {
+  this.end();
 }
 
 function pathOf(request: PeekedRequest): string | undefined {

@@ -3,7 +3,10 @@
 // only profile names (from the config) and fixed outcome words.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
-export type RequestOutcome = 'injected' | 'denied' | 'allowed_without_token' | 'unknown_profile' | 'passthrough';
+export type RequestOutcome = 'injected' | 'denied' | 'allowed_without_token' | 'unknown_profile';
+
+/** Requests answered, counted by the handler in plain integers: profile → outcome → count. */
+export type RequestCounts = () => Iterable<readonly [profile: string, outcome: RequestOutcome, count: number]>;
 export type FetchResult = 'success' | 'error';
 
 export class Metrics {
@@ -14,7 +17,11 @@ export class Metrics {
   readonly tokenExpirySeconds: Gauge<'profile'>;
   readonly openStreams: Gauge;
   // Read when scraped (see observeOpenStreams / observeTokenExpiry).
-  private readonly sources = { openStreams: (): number => 0, expiry: new Map<string, () => number | undefined>() };
+  private readonly sources = {
+    openStreams: (): number => 0,
+    requests: [] as RequestCounts[],
+    expiry: new Map<string, () => number | undefined>(),
+  };
 
   constructor(options: { registry?: Registry; defaultMetrics?: boolean } = {}) {
     const sources = this.sources;
@@ -26,6 +33,14 @@ export class Metrics {
       help: 'request_headers messages answered, by profile and outcome',
       labelNames: ['profile', 'outcome'],
       registers,
+      // Counted per message in plain integers by the handler (see observeRequests), copied here
+      // when scraped: prom-client's label lookup per request cost more than the handler itself.
+      collect() {
+        this.reset();
+        for (const source of sources.requests) {
+          for (const [profile, outcome, count] of source()) if (count > 0) this.inc({ profile, outcome }, count);
+        }
+      },
     });
     this.tokenFetches = new Counter({
       name: 'oauth2_extproc_token_fetches_total',
@@ -67,6 +82,11 @@ export class Metrics {
   /** Open streams are read from the handler when scraped, not counted through prom-client. */
   observeOpenStreams(source: () => number): void {
     this.sources.openStreams = source;
+  }
+
+  /** Request counts are read from the handler when scraped; each source counts from zero. */
+  observeRequests(source: RequestCounts): void {
+    this.sources.requests.push(source);
   }
 
   /** Seconds to expiry of a profile's token, read when scraped; undefined = no token. */

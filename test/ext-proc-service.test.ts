@@ -109,6 +109,22 @@ test('a subscription key in the query string is removed from :path too; the othe
   ]);
 });
 
+test('a percent-encoded name of the parameter is the same parameter: it is removed too', async () => {
+  tokens.default = token('t');
+  for (const [query, kept] of [
+    ['?subscription%2Dkey=0123456789abcdef&a=1', '?a=1'],
+    ['?a=%2F&%73ubscription-key=0123456789abcdef', '?a=%2F'],
+    ['?subscription%2dkey=0123456789abcdef', ''],
+  ]) {
+    const headers = TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, `/orders/42${query}`] : [k, v]));
+    const setHeadersOut = (await client.exchange(requestHeaders(headers))).reply.request_headers.response.header_mutation.set_headers;
+    assert.deepEqual(setHeadersOut[1], { header: { key: ':path', raw_value: Buffer.from(`/orders/42${kept}`) }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' }, query);
+  }
+  // A % elsewhere with no such parameter leaves :path alone.
+  const other = TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, '/orders/42?q=%2F'] : [k, v]));
+  assert.deepEqual((await client.exchange(requestHeaders(other))).reply, authorizationMutation('Bearer t'));
+});
+
 test('every other event gets an empty reply of its own kind, one per message, in order, on one stream', async () => {
   tokens.default = token('t');
   const call = client.open();

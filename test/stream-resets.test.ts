@@ -34,6 +34,16 @@ test(`the sidecar answers ${STREAMS} streams reset by the client on one connecti
   assert.deepEqual(result.failures, {});
   assert.equal(result.replies, STREAMS);
   assert.deepEqual(result.replyKinds, { request_headers: STREAMS });
+  // Every reset stream was counted once and closed once (the server may see the last resets a
+  // moment after the client is done: read until it has, or give up after a while).
+  let metrics = '';
+  for (let i = 0; i < 50; i++) {
+    metrics = await (await fetch(`${sidecar.adminUrl}/metrics`)).text();
+    if (/oauth2_extproc_open_streams 0\n/.test(metrics)) break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  assert.match(metrics, new RegExp(`oauth2_extproc_requests_total\\{profile="default",outcome="injected"\\} ${STREAMS}\\n`));
+  assert.match(metrics, /oauth2_extproc_open_streams 0\n/);
 });
 
 test('control: a grpc-js server with Node\'s default reset limits fails under the same churn', async () => {
