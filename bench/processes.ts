@@ -1,7 +1,9 @@
-// The processes under test, started the way users start them: the sidecar through its CLI
-// (test/helpers/sidecar.ts runs `node src/main.ts --config FILE`), the bare server as its own
-// process; plus what the bench reads from them (RSS, Prometheus counters).
-import { spawn, type ChildProcess } from 'node:child_process';
+// The processes under test, started the way users start them: the sidecar as the container image
+// runs it, `bin/oauth2-extproc.js` on the compiled dist/ (loading src/*.ts through Node's type
+// stripping alone costs some 30 MB of RSS) with the image's NODE_OPTIONS, the bare server as its
+// own process with the same NODE_OPTIONS; plus what the bench reads from them (RSS, Prometheus
+// counters).
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
@@ -21,9 +23,32 @@ export interface SidecarOptions {
   profileExtra?: Record<string, any>;
   /** Write a V8 CPU profile into this directory when the sidecar exits. */
   cpuProfDir?: string;
-  /** Extra Node.js options (NODE_OPTIONS), e.g. heap limits. */
+  /** NODE_OPTIONS for the sidecar; by default the container image's (IMAGE_NODE_OPTIONS). */
   nodeOptions?: string;
   waitReady?: boolean;
+}
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+const BIN = fileURLToPath(new URL('../bin/oauth2-extproc.js', import.meta.url));
+
+/**
+ * The heap flags the container image runs with (the Dockerfile's `ENV NODE_OPTIONS`), or
+ * BENCH_NODE_OPTIONS: the bench measures the sidecar as it ships.
+ */
+export const IMAGE_NODE_OPTIONS = process.env.BENCH_NODE_OPTIONS ?? imageNodeOptions();
+
+function imageNodeOptions(): string {
+  const dockerfile = readFileSync(fileURLToPath(new URL('../Dockerfile', import.meta.url)), 'utf8');
+  const m = /^ENV NODE_OPTIONS="([^"]*)"/m.exec(dockerfile);
+  if (m === null) throw new Error('the Dockerfile sets no NODE_OPTIONS: set BENCH_NODE_OPTIONS');
+  return m[1]!;
+}
+
+/** Compiles src/ into dist/ so the bench measures the code as it is now. */
+export function buildSidecar(): void {
+  const tsc = fileURLToPath(new URL('../node_modules/typescript/bin/tsc', import.meta.url));
+  const built = spawnSync(process.execPath, [tsc, '-p', 'tsconfig.build.json'], { cwd: ROOT, stdio: 'inherit' });
+  if (built.status !== 0) throw new Error('npm run build failed: the bench runs the compiled sidecar');
 }
 
 export function startBenchSidecar(o: SidecarOptions): Promise<SidecarProcess> {
@@ -31,13 +56,14 @@ export function startBenchSidecar(o: SidecarOptions): Promise<SidecarProcess> {
   for (const [name, extra] of Object.entries(o.profiles ?? {})) profiles[name] = profileFor(o.idp, { ...o.profileExtra, ...extra });
   const env: NodeJS.ProcessEnv = {};
   // NODE_OPTIONS rather than argv: the helper starts the CLI itself; --cpu-prof is allowed there.
-  const nodeOptions = [process.env.NODE_OPTIONS ?? '', o.nodeOptions ?? ''];
+  const nodeOptions = [process.env.NODE_OPTIONS ?? '', o.nodeOptions ?? IMAGE_NODE_OPTIONS];
   if (o.cpuProfDir !== undefined) nodeOptions.push('--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`);
   if (nodeOptions.join('').trim() !== '') env.NODE_OPTIONS = nodeOptions.join(' ').trim();
   const started = startSidecar({
     // The production defaults (logging at info), as a user runs it.
     config: { server: { workers: o.workers, shutdownGraceSeconds: 2 }, profiles },
     env,
+    entry: BIN,
     waitReady: o.waitReady ?? true,
   });
   return started.then((s) => {
@@ -56,7 +82,9 @@ const BARE = fileURLToPath(new URL('./bare-server.ts', import.meta.url));
 
 export async function startBareProcess(authorizationLength: number, options: { cpuProfDir?: string } = {}): Promise<BareServer> {
   const flags = options.cpuProfDir === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${options.cpuProfDir}`];
-  const child: ChildProcess = track(spawn(process.execPath, [...flags, BARE, '--listen', '127.0.0.1:0', '--authorization-length', String(authorizationLength)], { stdio: ['ignore', 'pipe', 'inherit'] }));
+  // The same heap flags as the sidecar: the comparison is about the code, not V8's heap sizing.
+  const env = { ...process.env, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} ${IMAGE_NODE_OPTIONS}`.trim() };
+  const child: ChildProcess = track(spawn(process.execPath, [...flags, BARE, '--listen', '127.0.0.1:0', '--authorization-length', String(authorizationLength)], { stdio: ['ignore', 'pipe', 'inherit'], env }));
   const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
   const address = await new Promise<string>((resolve, reject) => {
     let out = '';

@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { fmt, skipped, table, type BenchContext, type Section } from './context.ts';
 import { EXT_PROC_PATH, GRPC_HEADERS, writeRequestFrame } from './grpc-frame.ts';
-import { startBareProcess, startBenchSidecar } from './processes.ts';
+import { buildSidecar, startBareProcess, startBenchSidecar } from './processes.ts';
 import { assertSuccessPath } from './sidecar-alone.ts';
 import { findTools, h2load } from './tools.ts';
 import { startOAuthServer, type OAuthServer } from '../test/helpers/oauth-server.ts';
@@ -56,7 +56,8 @@ function groupOf(url: string, name: string): string {
     return /^(http2|net|stream|streams|stream_base_commons)$/.test(area) ? 'Node http2/net/streams' : `Node ${area}`;
   }
   const rel = relative(ROOT, url.startsWith('file://') ? fileURLToPath(url) : url);
-  if (rel.startsWith('src/')) return 'oauth2-extproc src/';
+  // The sidecar runs compiled (dist/ is src/ with the types stripped, line for line close).
+  if (rel.startsWith('src/') || rel.startsWith('dist/')) return 'oauth2-extproc src/';
   if (rel.startsWith('bench/')) return 'bench/ (bare server)';
   return /node_modules\/((?:@[^/]+\/)?[^/]+)/.exec(rel)?.[1] ?? rel;
 }
@@ -202,6 +203,7 @@ export async function profileSidecar(ctx: BenchContext, idp: OAuthServer, option
 
 if (import.meta.main) {
   const { values } = parseArgs({ options: { seconds: { type: 'string' }, streams: { type: 'string' }, workers: { type: 'string' } } });
+  buildSidecar();
   const dir = mkdtempSync(join(tmpdir(), 'oauth2-extproc-bench-'));
   const idp = await startOAuthServer();
   try {

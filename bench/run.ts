@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { skipped, type BenchContext, type Section } from './context.ts';
 import { memory } from './memory.ts';
-import { startBareProcess, startBenchSidecar, type BareServer, type SidecarProcess } from './processes.ts';
+import { buildSidecar, startBareProcess, startBenchSidecar, type BareServer, type SidecarProcess } from './processes.ts';
 import { profileSidecar } from './profile.ts';
 import { assertSuccessPath, sidecarAlone } from './sidecar-alone.ts';
 import { startSetups, throughEnvoy, verifySetups, type Setups } from './through-envoy.ts';
@@ -87,6 +87,7 @@ async function main(): Promise<number> {
   for (const p of only) if (!(PARTS as readonly string[]).includes(p)) throw new Error(`--only: unknown part "${p}" (parts: ${PARTS.join(', ')})`);
   const wanted = (p: Part): boolean => only.includes(p);
 
+  buildSidecar();
   const tools = findTools();
   const dir = mkdtempSync(join(tmpdir(), 'oauth2-extproc-bench-'));
   const ctx: BenchContext = {

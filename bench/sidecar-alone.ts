@@ -57,8 +57,8 @@ export async function sidecarAlone(ctx: BenchContext, sidecar: SidecarProcess, b
     const r = { a: [] as LoadResult[], b: [] as LoadResult[] };
     results.set(streams, r);
     for (let round = 0; round < ctx.rounds; round++) {
-      const a = await run(targets[0]!, streams, ctx.seconds, 0.5);
-      const b = await run(targets[1]!, streams, ctx.seconds, 0.5);
+      // Who goes first changes every round, so a drift in the machine's load favours neither.
+      const [a, b] = await inTurn(round, () => run(targets[0]!, streams, ctx.seconds, 0.5), () => run(targets[1]!, streams, ctx.seconds, 0.5));
       for (const [res, t] of [[a, targets[0]!], [b, targets[1]!]] as const) {
         if (res.failures > 0) throw new Error(`${t.name}: ${res.failures} of ${res.requests} h2load requests failed`);
       }
@@ -72,8 +72,7 @@ export async function sidecarAlone(ctx: BenchContext, sidecar: SidecarProcess, b
   // of a server that is mostly idle between streams, as behind Envoy at a moderate rate.
   const paced = { a: [] as LoadResult[], b: [] as LoadResult[] };
   for (let round = 0; round < ctx.rounds; round++) {
-    const a = await run(targets[0]!, 1, ctx.seconds, 0.5, ctx.rate);
-    const b = await run(targets[1]!, 1, ctx.seconds, 0.5, ctx.rate);
+    const [a, b] = await inTurn(round, () => run(targets[0]!, 1, ctx.seconds, 0.5, ctx.rate), () => run(targets[1]!, 1, ctx.seconds, 0.5, ctx.rate));
     if (a.failures + b.failures > 0) throw new Error(`paced run: ${a.failures} + ${b.failures} failed h2load requests`);
     sidecarRequests += a.requests;
     paced.a.push(a);
@@ -112,7 +111,7 @@ export async function sidecarAlone(ctx: BenchContext, sidecar: SidecarProcess, b
     '',
     `h2load, ${clients} HTTP/2 connection${clients > 1 ? 's' : ''}, N concurrent streams; each stream is one ext_proc stream: a ${frame.bytes}-byte gRPC ` +
       'frame with a `request_headers` message of 10 headers (incl. `authorization` and `ocp-apim-subscription-key`), end of stream, and the ' +
-      `reply (${Buffer.byteLength(authorization)}-byte \`authorization\` set, the key removed). ${ctx.rounds} rounds of ${ctx.seconds} s per target, alternating. ` +
+      `reply (${Buffer.byteLength(authorization)}-byte \`authorization\` set, the key removed). ${ctx.rounds} rounds of ${ctx.seconds} s per target, alternating, the first to go changing every round. ` +
       'Both servers were checked with a grpc-js client to answer with gRPC status 0 and the mutation, and the sidecar counted every stream as `injected`.',
     '',
     table(['streams (-m)', `${targets[0]!.name} req/s`, 'bare grpc-js req/s', 'ratio (median)', 'ratio per round'], rows),
@@ -127,4 +126,14 @@ export async function sidecarAlone(ctx: BenchContext, sidecar: SidecarProcess, b
     '',
   ].join('\n');
   return { id: 'sidecar', markdown };
+}
+
+/** Runs `a` then `b` in even rounds, `b` then `a` in odd ones; resolves with both, a first. */
+async function inTurn<T>(round: number, a: () => Promise<T>, b: () => Promise<T>): Promise<[T, T]> {
+  if (round % 2 === 0) {
+    const first = await a();
+    return [first, await b()];
+  }
+  const first = await b();
+  return [await a(), first];
 }

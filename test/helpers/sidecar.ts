@@ -33,6 +33,8 @@ export interface StartOptions {
   /** Wait for /readyz to answer 200 (default), or only for the listeners. */
   waitReady?: boolean;
   dir?: string;
+  /** The script node runs; by default src/main.ts (the benchmarks run the built bin/). */
+  entry?: string;
 }
 
 export function writeConfig(config: Record<string, any> | string, dir = mkdtempSync(join(tmpdir(), 'oauth2-extproc-'))): string {
@@ -59,7 +61,7 @@ export async function runCli(args: string[], env?: NodeJS.ProcessEnv): Promise<{
 
 export async function startSidecar(options: StartOptions): Promise<SidecarProcess> {
   const file = writeConfig(options.config, options.dir);
-  const child = spawn(process.execPath, [MAIN, '--config', file], {
+  const child = spawn(process.execPath, [options.entry ?? MAIN, '--config', file], {
     env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
