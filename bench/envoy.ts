@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { parse, stringify } from 'yaml';
+import { envoyStats, firstListenerPort } from '../test/helpers/envoy.ts';
 import { track } from './cleanup.ts';
 
 export const BENCH_ENVOY_DIR = fileURLToPath(new URL('./envoy/', import.meta.url));
@@ -93,22 +94,13 @@ export async function startBenchEnvoy(options: StartOptions): Promise<BenchEnvoy
       if (adminUrl !== undefined && (await fetch(`${adminUrl}/ready`).catch(() => undefined))?.status === 200) break;
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
-    const listeners = await (await fetch(`${adminUrl}/listeners?format=json`)).json() as {
-      listener_statuses: Array<{ local_address: { socket_address: { port_value: number } } }>;
-    };
-    const port = listeners.listener_statuses[0]!.local_address.socket_address.port_value;
+    const admin = adminUrl!;
     return {
       name: options.config,
-      url: `http://127.0.0.1:${port}`,
-      adminUrl: adminUrl!,
+      url: `http://127.0.0.1:${await firstListenerPort(admin)}`,
+      adminUrl: admin,
       pid: child.pid!,
-      async stats(filter) {
-        const res = await fetch(`${adminUrl}/stats?format=json&filter=${encodeURIComponent(filter)}`);
-        const body = await res.json() as { stats: Array<{ name?: string; value?: number }> };
-        const out: Record<string, number> = {};
-        for (const s of body.stats) if (s.name !== undefined && typeof s.value === 'number') out[s.name] = s.value;
-        return out;
-      },
+      stats: (filter) => envoyStats(admin, filter),
       stop,
     };
   } catch (err) {

@@ -181,28 +181,35 @@ export async function startEnvoy(options: StartEnvoyOptions): Promise<EnvoyProce
       const res = await fetch(`${adminUrl}/ready`).catch(() => undefined);
       return res?.status === 200 ? true : undefined;
     }, () => exitCode, log);
-    const listeners = await (await fetch(`${adminUrl}/listeners?format=json`)).json() as {
-      listener_statuses: Array<{ name: string; local_address: { socket_address: { port_value: number } } }>;
-    };
-    const port = listeners.listener_statuses[0]!.local_address.socket_address.port_value;
     return {
-      url: `http://127.0.0.1:${port}`,
+      url: `http://127.0.0.1:${await firstListenerPort(adminUrl)}`,
       adminUrl,
       accessLog,
       log,
-      async stats(filter) {
-        const res = await fetch(`${adminUrl}/stats?format=json&filter=${encodeURIComponent(filter)}`);
-        const body = await res.json() as { stats: Array<{ name?: string; value?: number }> };
-        const out: Record<string, number> = {};
-        for (const s of body.stats) if (s.name !== undefined && typeof s.value === 'number') out[s.name] = s.value;
-        return out;
-      },
+      stats: (filter) => envoyStats(adminUrl, filter),
       stop,
     };
   } catch (err) {
     await stop();
     throw err;
   }
+}
+
+/** The port Envoy bound for its first listener (configs here listen on port 0). */
+export async function firstListenerPort(adminUrl: string): Promise<number> {
+  const listeners = await (await fetch(`${adminUrl}/listeners?format=json`)).json() as {
+    listener_statuses: Array<{ local_address: { socket_address: { port_value: number } } }>;
+  };
+  return listeners.listener_statuses[0]!.local_address.socket_address.port_value;
+}
+
+/** Envoy's counters and gauges whose names match `filter` (a regex), by name. */
+export async function envoyStats(adminUrl: string, filter: string): Promise<Record<string, number>> {
+  const res = await fetch(`${adminUrl}/stats?format=json&filter=${encodeURIComponent(filter)}`);
+  const body = await res.json() as { stats: Array<{ name?: string; value?: number }> };
+  const out: Record<string, number> = {};
+  for (const s of body.stats) if (s.name !== undefined && typeof s.value === 'number') out[s.name] = s.value;
+  return out;
 }
 
 async function waitFor<T>(probe: () => Promise<T | undefined>, exitCode: () => number | null | undefined, log: string[], timeoutMs = 20_000): Promise<T> {
