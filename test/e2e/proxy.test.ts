@@ -109,6 +109,10 @@ test('a subscription key in the query string (?subscription-key=) never arrives 
   assert.equal(received.url, '/orders/42?expand=lines&page=2');
   assert.ok(!JSON.stringify(received).includes(KEY));
   await idp.verify(bearer(received));
+  // Percent-encoded, the name is the same parameter to a backend that decodes its query.
+  const encoded = await through(`/orders/42?subscription%2Dkey=${KEY}&q=%2F`);
+  assert.equal(encoded.received.url, '/orders/42?q=%2F');
+  assert.ok(!JSON.stringify(encoded.received).includes(KEY));
 });
 
 test('a request body passes through untouched (only headers go to the sidecar)', { skip }, async () => {
