@@ -28,7 +28,7 @@ ENV NODE_ENV=production
 # for well under a millisecond, yet V8 sizes its heap from the memory it sees: the container's
 # limit if one is set, else the machine's RAM. Without a limit on a large machine, a 128 MB young
 # generation and lazily collected garbage put it near 270 MB RSS at 1,000 requests/s; with 2 MB
-# semi-spaces it stays near 160 MB, and keeps pace with a bare grpc-js server under the same flag
+# semi-spaces it stays near 160 MB, for about a fifth more CPU per request at full load
 # (docs/benchmarks.md). Adding --max-old-space-size (any value) saves about 50 MB more, but makes
 # V8 collect the old generation four to five times as often: more CPU per request at full load.
 # Set NODE_OPTIONS to override; `server.workers` processes inherit it.
