@@ -86,7 +86,7 @@ for (const file of ['envoy.yaml', 'envoy-uds.yaml']) {
     for (const t of extproc.circuit_breakers.thresholds) assert.ok(t.max_requests > 1024 && t.max_pending_requests > 1024);
 
     const byMatch = new Map(routes(doc).map((r: any) => [JSON.stringify(r.match), r]));
-    const health = byMatch.get(JSON.stringify({ path: '/healthz' }));
+    const health = byMatch.get(JSON.stringify({ path: '/healthz', headers: [{ name: ':path', string_match: { exact: '/healthz' } }] }));
     assert.equal(health.typed_per_filter_config['envoy.filters.http.ext_proc'].disabled, true);
     assert.deepEqual(health.request_headers_to_remove, ['authorization', 'ocp-apim-subscription-key']);
     const reports = byMatch.get(JSON.stringify({ prefix: '/reports/' }));

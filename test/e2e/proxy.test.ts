@@ -145,6 +145,11 @@ test('/healthz skips the filter and still delivers no caller credentials', { ski
   assert.deepEqual(headerValues(received, 'authorization'), []);
   assertNoKey(received);
   assert.equal(await metric(), before, 'the sidecar saw no stream for /healthz');
+  // With a query string the filter-less route does not match: the sidecar removes the key.
+  const withKey = await through(`/healthz?subscription-key=${KEY}`);
+  assert.equal(withKey.received.url, '/healthz');
+  assert.ok(!JSON.stringify(withKey.received).includes(KEY));
+  await idp.verify(bearer(withKey.received));
 });
 
 test('Envoy counted every ext_proc stream as answered, none failed; its access log names the route outcome', { skip }, async () => {
