@@ -9,7 +9,7 @@ import { describeError } from './errors.ts';
 import { continueWithoutToken, deny, emptyReply, injectToken, stripQueryParameters } from './header-mutation.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics, RequestOutcome } from './metrics.ts';
-import { decodeRequest, encodeResponse, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './protocol.ts';
+import { decodeRequest, encodeResponse, findPath, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './protocol.ts';
 import type { Token } from './token.ts';
 
 export const PROFILE_METADATA_KEY = 'x-oauth2-profile';
@@ -37,8 +37,6 @@ function zeroCounts(): OutcomeCounts {
   return { injected: 0, denied: 0, allowed_without_token: 0, unknown_profile: 0 };
 }
 
-const PERCENT = 0x25;
-
 /** The `request_headers` answer of one profile, re-encoded only when its token changes. */
 class ProfileAnswer {
   private token: Token | undefined;
@@ -47,13 +45,13 @@ class ProfileAnswer {
   readonly counts: OutcomeCounts = zeroCounts();
   readonly config: ProfileConfig;
   private readonly tokens: TokenProvider;
-  /** `name=` of each query parameter to remove, to spot them in the raw message cheaply. */
-  private readonly queryNeedles: readonly Buffer[];
+  /** The query parameters to remove, lower-cased, to spot them in `:path` cheaply. */
+  private readonly queryNames: readonly string[];
 
   constructor(config: ProfileConfig, tokens: TokenProvider) {
     this.config = config;
     this.tokens = tokens;
-    this.queryNeedles = config.removeQueryParameters.map((name) => Buffer.from(`${name}=`, 'utf8'));
+    this.queryNames = config.removeQueryParameters.map((name) => name.toLowerCase());
     this.token = undefined;
     this.reply = this.encodeWithout();
     this.outcome = this.noTokenOutcome();
@@ -66,29 +64,39 @@ class ProfileAnswer {
       this.reply = token === undefined ? this.encodeWithout() : encodeResponse(injectToken(this.config, token));
       this.outcome = token === undefined ? this.noTokenOutcome() : 'injected';
     }
-    this.counts[this.outcome]++;
-    if (!this.mayCarryQueryParameter(request.bytes)) return this.reply;
-    if (token === undefined && this.config.onFailure === 'deny') return this.reply;
-    const path = pathOf(request);
-    const stripped = path === undefined ? undefined : stripQueryParameters(path, this.config.removeQueryParameters);
-    if (stripped === undefined) return this.reply;
-    return encodeResponse(token === undefined ? continueWithoutToken(this.config, stripped) : injectToken(this.config, token, stripped));
+    const reply = this.replyFor(request, token);
+    this.counts[this.outcome]++; // after the reply is built: a request that failed is not counted
+    return reply;
   }
 
   get outcomeName(): RequestOutcome {
     return this.outcome;
   }
 
+  private replyFor(request: PeekedRequest, token: Token | undefined): EncodedReply {
+    if (this.queryNames.length === 0) return this.reply;
+    if (token === undefined && this.config.onFailure === 'deny') return this.reply;
+    const path = findPath(request.bytes) ?? pathOf(request);
+    if (path === undefined || !this.mayCarryQueryParameter(path)) return this.reply;
+    const stripped = stripQueryParameters(path, this.config.removeQueryParameters);
+    if (stripped === undefined) return this.reply;
+    return encodeResponse(token === undefined ? continueWithoutToken(this.config, stripped) : injectToken(this.config, token, stripped));
+  }
+
   /**
-   * Almost every request carries no key in its query: a byte search over the raw message keeps
-   * them on the prebuilt reply, and only a hit pays for decoding the headers. A `%` anywhere
-   * counts as a hit too, since `subscription%2Dkey=` is the same parameter to the backend.
+   * Almost every request carries no key in its query: a look at the query of `:path`, read from
+   * the raw message, keeps them on the prebuilt reply. Names are matched without regard to case,
+   * and a `%` in the query counts as a hit, since `subscription%2Dkey=` is the same parameter to
+   * a backend that decodes its query; only a hit pays for splitting the query.
    */
-  private mayCarryQueryParameter(bytes: Buffer): boolean {
-    const needles = this.queryNeedles;
-    if (needles.length === 0) return false;
-    for (let i = 0; i < needles.length; i++) if (bytes.includes(needles[i]!)) return true;
-    return bytes.includes(PERCENT);
+  private mayCarryQueryParameter(path: string): boolean {
+    const q = path.indexOf('?');
+    if (q < 0) return false;
+    const query = path.slice(q + 1).toLowerCase();
+    if (query.includes('%')) return true;
+    const names = this.queryNames;
+    for (let i = 0; i < names.length; i++) if (query.includes(names[i]!)) return true;
+    return false;
   }
 
   private encodeWithout(): EncodedReply {
@@ -195,7 +203,7 @@ export class ExtProcService {
       let reply = this.unknownProfileReplies.get(name);
       if (reply === undefined) {
         reply = encodeResponse(deny(500, 'unknownProfile', name));
-        if (this.unknownProfileReplies.size < 100) this.unknownProfileReplies.set(name, reply);
+        if (this.unknownProfileReplies.size < UNKNOWN_PROFILES_TRACKED) this.unknownProfileReplies.set(name, reply);
       }
       call.write(reply);
       return;

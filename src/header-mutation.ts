@@ -62,17 +62,19 @@ export function continueWithoutToken(profile: ProfileConfig, path?: string): Pro
 }
 
 /**
- * The request path without the named query parameters, or undefined when none is there. The
- * other parameters keep their order and encoding byte for byte.
+ * The request path without the named query parameters, or undefined when none is there. Names
+ * match as sent or percent-decoded, in any case (backends such as ASP.NET read query names
+ * without regard to case). The other parameters keep their order and encoding byte for byte.
  */
 export function stripQueryParameters(path: string, names: readonly string[]): string | undefined {
   const q = path.indexOf('?');
   if (q < 0 || names.length === 0) return undefined;
+  const wanted = names.map((n) => n.toLowerCase());
   const kept: string[] = [];
   let removed = false;
   for (const pair of path.slice(q + 1).split('&')) {
-    const rawName = pair.split('=', 1)[0] ?? '';
-    if (names.includes(rawName) || names.includes(safeDecode(rawName))) removed = true;
+    const rawName = (pair.split('=', 1)[0] ?? '').toLowerCase();
+    if (wanted.includes(rawName) || wanted.includes(safeDecode(rawName).toLowerCase())) removed = true;
     else kept.push(pair);
   }
   if (!removed) return undefined;

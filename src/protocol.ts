@@ -75,6 +75,43 @@ export function peekRequest(bytes: Buffer): PeekedRequest {
   return { kind, observabilityMode, bytes };
 }
 
+/** A HeaderValue's `key` field holding ":path": tag 1 (length-delimited), length 5, the bytes. */
+const PATH_KEY = Buffer.from([0x0a, 0x05, ...Buffer.from(':path', 'latin1')]);
+const VALUE_TAG = 0x12; // HeaderValue.value (string)
+const RAW_VALUE_TAG = 0x1a; // HeaderValue.raw_value (bytes)
+
+/**
+ * The `:path` value of a request_headers message, read straight from its bytes without decoding
+ * the rest: `raw_value` if set, else `value` (Envoy ≥1.27 sends raw_value only). Undefined when
+ * the bytes are not laid out as expected or name `:path` more than once (a header value cannot
+ * hold the 0x0a byte, but metadata in the message could): the caller then decodes the message.
+ */
+export function findPath(bytes: Buffer): string | undefined {
+  const at = bytes.indexOf(PATH_KEY);
+  if (at < 0 || bytes.indexOf(PATH_KEY, at + 1) >= 0) return undefined;
+  let pos = at + PATH_KEY.length;
+  let value: Buffer | undefined;
+  let raw: Buffer | undefined;
+  // The HeaderValue's other fields follow its key; the next header starts with tag 0x0a again.
+  while (pos < bytes.length && (bytes[pos] === VALUE_TAG || bytes[pos] === RAW_VALUE_TAG)) {
+    const tag = bytes[pos++]!;
+    let length = 0;
+    for (let shift = 0; ; shift += 7) {
+      if (pos >= bytes.length || shift > 28) return undefined;
+      const b = bytes[pos++]!;
+      length |= (b & 0x7f) << shift;
+      if (b < 0x80) break;
+    }
+    if (length < 0 || pos + length > bytes.length) return undefined;
+    const field = bytes.subarray(pos, pos + length);
+    if (tag === VALUE_TAG) value = field;
+    else raw = field;
+    pos += length;
+  }
+  const chosen = raw !== undefined && raw.length > 0 ? raw : value;
+  return chosen === undefined ? undefined : chosen.toString('utf8');
+}
+
 /**
  * The ExternalProcessor service with the fast codec: requests are peeked, replies are bytes
  * already encoded by encodeResponse().

@@ -109,20 +109,35 @@ test('a subscription key in the query string is removed from :path too; the othe
   ]);
 });
 
-test('a percent-encoded name of the parameter is the same parameter: it is removed too', async () => {
+test('a percent-encoded or differently cased name is the same parameter: it is removed too', async () => {
   tokens.default = token('t');
   for (const [query, kept] of [
     ['?subscription%2Dkey=0123456789abcdef&a=1', '?a=1'],
     ['?a=%2F&%73ubscription-key=0123456789abcdef', '?a=%2F'],
     ['?subscription%2dkey=0123456789abcdef', ''],
+    ['?Subscription-Key=0123456789abcdef&b=2', '?b=2'],
   ]) {
     const headers = TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, `/orders/42${query}`] : [k, v]));
-    const setHeadersOut = (await client.exchange(requestHeaders(headers))).reply.request_headers.response.header_mutation.set_headers;
-    assert.deepEqual(setHeadersOut[1], { header: { key: ':path', raw_value: Buffer.from(`/orders/42${kept}`) }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' }, query);
+    assert.deepEqual((await client.exchange(requestHeaders(headers))).reply, {
+      response: 'request_headers',
+      request_headers: {
+        response: {
+          header_mutation: {
+            set_headers: [
+              { header: { key: 'authorization', raw_value: Buffer.from('Bearer t') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
+              { header: { key: ':path', raw_value: Buffer.from(`/orders/42${kept}`) }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
+            ],
+            remove_headers: ['ocp-apim-subscription-key'],
+          },
+        },
+      },
+    }, query);
   }
-  // A % elsewhere with no such parameter leaves :path alone.
+  // A % in the query without such a parameter, or one elsewhere in the headers, leaves :path alone.
   const other = TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, '/orders/42?q=%2F'] : [k, v]));
   assert.deepEqual((await client.exchange(requestHeaders(other))).reply, authorizationMutation('Bearer t'));
+  const cookie = [...TYPICAL_HEADERS, ['cookie', 'a=%7B%7D; subscription-key=zzz'] as [string, string]];
+  assert.deepEqual((await client.exchange(requestHeaders(cookie))).reply, authorizationMutation('Bearer t'));
 });
 
 test('every other event gets an empty reply of its own kind, one per message, in order, on one stream', async () => {

@@ -15,6 +15,8 @@ test('stripQueryParameters removes exactly the named parameters, keeping the res
     ['/a?subscription%2Dkey=k&x=1', '/a?x=1'],
     ['/a?&&subscription-key=k&', '/a'],
     ['/a?x=%E0%A4%A', undefined],
+    ['/a?Subscription-Key=k&x=1', '/a?x=1'],
+    ['/a?%53UBSCRIPTION-KEY=k', '/a'],
   ];
   for (const [path, expected] of cases) assert.equal(stripQueryParameters(path, names), expected, path);
   assert.equal(stripQueryParameters('/a?subscription-key=k', []), undefined);

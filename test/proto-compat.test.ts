@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { loadSync } from '@grpc/proto-loader';
 import { deny, continueWithoutToken, emptyReply, injectToken } from '../src/header-mutation.ts';
-import { encodeResponse, LOADER_OPTIONS, peekRequest, PROCESS_PATH, PROTO_DIR, PROTO_FILE, REQUEST_KIND_NAMES, decodeRequest } from '../src/protocol.ts';
+import { encodeResponse, findPath, LOADER_OPTIONS, peekRequest, PROCESS_PATH, PROTO_DIR, PROTO_FILE, REQUEST_KIND_NAMES, decodeRequest } from '../src/protocol.ts';
 import { parseConfig } from '../src/config.ts';
 import { requestHeaders, TYPICAL_HEADERS, upstreamMethod } from './helpers/extproc-client.ts';
 
@@ -121,4 +121,24 @@ test('fields from a newer Envoy (attributes, metadata_context, protocol_config) 
 test('a truncated message is an error, not an empty request', () => {
   const bytes = Buffer.from(upstream.requestSerialize(requestHeaders(TYPICAL_HEADERS)));
   assert.throws(() => peekRequest(bytes.subarray(0, bytes.length - 5)));
+});
+
+test('findPath reads :path from upstream-encoded request_headers, raw_value or value, and gives up when unsure', () => {
+  const long = `/orders/42?${'x'.repeat(300)}=1`; // a two-byte length
+  for (const path of ['/orders/42?expand=lines', '/', long]) {
+    const headers = TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, path] : [k, v]));
+    assert.equal(findPath(upstream.requestSerialize(requestHeaders(headers))), path);
+  }
+  // Envoy before 1.27 sends `value`; with both, raw_value wins.
+  const legacy = { request_headers: { headers: { headers: [{ key: ':method', value: 'GET' }, { key: ':path', value: '/old?a=1' }] } } };
+  assert.equal(findPath(upstream.requestSerialize(legacy)), '/old?a=1');
+  const both = { request_headers: { headers: { headers: [{ key: ':path', value: '/v', raw_value: Buffer.from('/raw') }] } } };
+  assert.equal(findPath(upstream.requestSerialize(both)), '/raw');
+  // No :path, or :path named twice: undefined, and the caller decodes the whole message.
+  assert.equal(findPath(upstream.requestSerialize(requestHeaders([[':method', 'GET']]))), undefined);
+  const twice = requestHeaders([[':path', '/a'], [':path', '/b?subscription-key=k']]);
+  assert.equal(findPath(upstream.requestSerialize(twice)), undefined);
+  // Cut short inside the value: undefined, never a read past the end.
+  const bytes = upstream.requestSerialize(requestHeaders([[':path', '/orders/42?subscription-key=k']]));
+  assert.equal(findPath(bytes.subarray(0, bytes.length - 3)), undefined);
 });
