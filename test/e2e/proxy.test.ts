@@ -113,6 +113,9 @@ test('a subscription key in the query string (?subscription-key=) never arrives 
   const encoded = await through(`/orders/42?subscription%2Dkey=${KEY}&q=%2F`);
   assert.equal(encoded.received.url, '/orders/42?q=%2F');
   assert.ok(!JSON.stringify(encoded.received).includes(KEY));
+  // So is the name in another case, for backends that read query names without regard to it.
+  const cased = await through(`/orders/42?Subscription-Key=${KEY}`);
+  assert.equal(cased.received.url, '/orders/42');
 });
 
 test('a request body passes through untouched (only headers go to the sidecar)', { skip }, async () => {
