@@ -1,8 +1,8 @@
 // Memory: the sidecar's resident memory after a warm-up at a steady rate, then through a sustained
 // run at the same rate, sampled every few seconds. Two sidecars side by side under the same load:
 // one with Node's default heap sizing, which on a machine with a lot of RAM lets garbage pile up
-// before collecting it, and one with the small heap the container image sets (NODE_OPTIONS in the
-// Dockerfile): if RSS stays flat under that cap for the whole run, nothing grows per request. Through Envoy (c)
+// before collecting it, and one with the heap flags the container image sets (NODE_OPTIONS in
+// the Dockerfile): if RSS stays flat for the whole run, nothing grows per request. Through Envoy (c)
 // when Envoy is there (its connections and stream ends are part of what could leak), else with
 // h2load straight to the sidecars.
 import { join } from 'node:path';

@@ -30,18 +30,19 @@ const EMPTY_REPLIES = new Map<RequestKind, EncodedReply>(
   REQUEST_KIND_NAMES.map((kind) => [kind, encodeResponse(emptyReply(kind))]),
 );
 
-/** `request_headers` answered per outcome: plain integers, read by /metrics when scraped. */
-type OutcomeCounts = Record<RequestOutcome, number>;
+/** A configured profile's `request_headers` answers per outcome, read by /metrics when scraped. */
+type ProfileOutcome = Exclude<RequestOutcome, 'unknown_profile'>;
+type OutcomeCounts = Record<ProfileOutcome, number>;
 
 function zeroCounts(): OutcomeCounts {
-  return { injected: 0, denied: 0, allowed_without_token: 0, unknown_profile: 0 };
+  return { injected: 0, denied: 0, allowed_without_token: 0 };
 }
 
 /** The `request_headers` answer of one profile, re-encoded only when its token changes. */
 class ProfileAnswer {
   private token: Token | undefined;
   private reply: EncodedReply;
-  private outcome: RequestOutcome;
+  private outcome: ProfileOutcome;
   readonly counts: OutcomeCounts = zeroCounts();
   readonly config: ProfileConfig;
   private readonly tokens: TokenProvider;
@@ -69,7 +70,7 @@ class ProfileAnswer {
     return reply;
   }
 
-  get outcomeName(): RequestOutcome {
+  get outcomeName(): ProfileOutcome {
     return this.outcome;
   }
 
@@ -105,7 +106,7 @@ class ProfileAnswer {
       : deny(this.config.failureStatus, 'noToken', this.config.name));
   }
 
-  private noTokenOutcome(): RequestOutcome {
+  private noTokenOutcome(): ProfileOutcome {
     return this.config.onFailure === 'allow' ? 'allowed_without_token' : 'denied';
   }
 }
@@ -179,7 +180,7 @@ export class ExtProcService {
 
   private *requestCounts(): Generator<readonly [string, RequestOutcome, number]> {
     for (const [name, answer] of this.answers) {
-      for (const outcome of Object.keys(answer.counts) as RequestOutcome[]) yield [name, outcome, answer.counts[outcome]];
+      for (const outcome of Object.keys(answer.counts) as ProfileOutcome[]) yield [name, outcome, answer.counts[outcome]];
     }
     for (const [name, count] of this.unknownProfileCounts) yield [name, 'unknown_profile', count];
   }

@@ -48,17 +48,23 @@ after(() => {
   server.forceShutdown();
 });
 
-const authorizationMutation = (value: string, remove = ['ocp-apim-subscription-key']) => ({
+const setHeader = (key: string, value: string) => ({ header: { key, raw_value: Buffer.from(value) }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' });
+
+/** The whole request_headers reply: authorization set (and :path, when given), headers removed. */
+const authorizationMutation = (value: string, remove = ['ocp-apim-subscription-key'], path?: string) => ({
   response: 'request_headers',
   request_headers: {
     response: {
       header_mutation: {
-        set_headers: [{ header: { key: 'authorization', raw_value: Buffer.from(value) }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' }],
+        set_headers: path === undefined ? [setHeader('authorization', value)] : [setHeader('authorization', value), setHeader(':path', path)],
         remove_headers: remove,
       },
     },
   },
 });
+
+/** TYPICAL_HEADERS with another :path. */
+const withPath = (path: string): Array<[string, string]> => TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, path] : [k, v]));
 
 test('request_headers: the token overwrites authorization and the subscription key is removed; then the stream ends OK', async () => {
   tokens.default = token('eyJ.abc-def_ghi');
@@ -82,31 +88,16 @@ test('a new token is used from the next request on', async () => {
 
 test('a subscription key in the query string is removed from :path too; the other parameters stay as they were', async () => {
   tokens.default = token('t');
-  const headers = TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, '/orders/42?a=1&subscription-key=0123456789abcdef&b=%2F+x'] : [k, v]));
+  const headers = withPath('/orders/42?a=1&subscription-key=0123456789abcdef&b=%2F+x');
   const { reply } = await client.exchange(requestHeaders(headers));
-  assert.deepEqual(reply, {
-    response: 'request_headers',
-    request_headers: {
-      response: {
-        header_mutation: {
-          set_headers: [
-            { header: { key: 'authorization', raw_value: Buffer.from('Bearer t') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
-            { header: { key: ':path', raw_value: Buffer.from('/orders/42?a=1&b=%2F+x') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
-          ],
-          remove_headers: ['ocp-apim-subscription-key'],
-        },
-      },
-    },
-  });
+  assert.deepEqual(reply, authorizationMutation('Bearer t', undefined, '/orders/42?a=1&b=%2F+x'));
   // The same bytes elsewhere (a referer) do not touch :path.
   const elsewhere = [...TYPICAL_HEADERS, ['referer', 'https://portal.test/?subscription-key=zzz'] as [string, string]];
   assert.deepEqual((await client.exchange(requestHeaders(elsewhere))).reply, authorizationMutation('Bearer t'));
   // Without a token and onFailure allow, the query is still cleaned.
   tokens.lenient = undefined;
   const lenient = (await client.exchange(requestHeaders(headers), { profile: 'lenient' })).reply;
-  assert.deepEqual(lenient.request_headers.response.header_mutation.set_headers, [
-    { header: { key: ':path', raw_value: Buffer.from('/orders/42?a=1&b=%2F+x') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
-  ]);
+  assert.deepEqual(lenient.request_headers.response.header_mutation.set_headers, [setHeader(':path', '/orders/42?a=1&b=%2F+x')]);
 });
 
 test('a percent-encoded or differently cased name is the same parameter: it is removed too', async () => {
@@ -117,25 +108,11 @@ test('a percent-encoded or differently cased name is the same parameter: it is r
     ['?subscription%2dkey=0123456789abcdef', ''],
     ['?Subscription-Key=0123456789abcdef&b=2', '?b=2'],
   ]) {
-    const headers = TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, `/orders/42${query}`] : [k, v]));
-    assert.deepEqual((await client.exchange(requestHeaders(headers))).reply, {
-      response: 'request_headers',
-      request_headers: {
-        response: {
-          header_mutation: {
-            set_headers: [
-              { header: { key: 'authorization', raw_value: Buffer.from('Bearer t') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
-              { header: { key: ':path', raw_value: Buffer.from(`/orders/42${kept}`) }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' },
-            ],
-            remove_headers: ['ocp-apim-subscription-key'],
-          },
-        },
-      },
-    }, query);
+    const { reply } = await client.exchange(requestHeaders(withPath(`/orders/42${query}`)));
+    assert.deepEqual(reply, authorizationMutation('Bearer t', undefined, `/orders/42${kept}`), query);
   }
   // A % in the query without such a parameter, or one elsewhere in the headers, leaves :path alone.
-  const other = TYPICAL_HEADERS.map(([k, v]): [string, string] => (k === ':path' ? [k, '/orders/42?q=%2F'] : [k, v]));
-  assert.deepEqual((await client.exchange(requestHeaders(other))).reply, authorizationMutation('Bearer t'));
+  assert.deepEqual((await client.exchange(requestHeaders(withPath('/orders/42?q=%2F')))).reply, authorizationMutation('Bearer t'));
   const cookie = [...TYPICAL_HEADERS, ['cookie', 'a=%7B%7D; subscription-key=zzz'] as [string, string]];
   assert.deepEqual((await client.exchange(requestHeaders(cookie))).reply, authorizationMutation('Bearer t'));
 });
