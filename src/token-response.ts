@@ -1,0 +1,177 @@
+// A token endpoint's answer turned into a Token or a coded TokenFetchError: the parsing and
+// sanity rules of RFC 6749 §5.1/§5.2, with nothing of the HTTP exchange itself. Pure: the
+// status, headers, body and the moment it arrived go in; a Token or an error comes out.
+import { TokenEndpointError, TokenResponseError } from './errors.ts';
+import type { Token } from './token.ts';
+
+/** A token response is a few KB; an answer larger than this is not one (and not read whole). */
+export const MAX_BODY_BYTES = 1024 * 1024;
+const MAX_OAUTH_ERROR_CHARS = 100;
+const MAX_OAUTH_DESCRIPTION_CHARS = 500;
+const SNIPPET_CHARS = 100;
+
+// RFC 7230 tchar: a token type goes into a header value as `<type> <token>`.
+const HEADER_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+// Visible ASCII. RFC 6750's b64token is stricter, but some IdPs issue opaque tokens outside it;
+// what matters is that the header value carries no space, CR, LF, NUL or non-ASCII byte, which
+// Envoy (and any HTTP/1 hop) would reject or split on.
+const ACCESS_TOKEN = /^[\x21-\x7e]+$/;
+const NUMERIC = /^\s*\d+(\.\d+)?\s*$/;
+
+export interface Body {
+  text: string;
+  truncated: boolean;
+}
+
+export async function readCapped(stream: AsyncIterable<Buffer>, limit: number): Promise<Body> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of stream) {
+    if (size + chunk.length > limit) {
+      chunks.push(chunk.subarray(0, limit - size));
+      // Leaving the loop early destroys the stream; the caller's finally covers the rest.
+      return { text: Buffer.concat(chunks).toString('utf8'), truncated: true };
+    }
+    chunks.push(chunk);
+    size += chunk.length;
+  }
+  return { text: Buffer.concat(chunks).toString('utf8'), truncated: false };
+}
+
+export type Headers = Record<string, string | string[] | undefined>;
+
+export function endpointError(status: number, headers: Headers, body: Body, now: number, secrets: string[]): TokenEndpointError {
+  // RFC 6585 §4 and RFC 9110 §10.2.3: Retry-After is meaningful on 429 and 503.
+  const retryAfterSeconds = status === 429 || status === 503 ? parseRetryAfter(header(headers, 'retry-after'), now) : undefined;
+  const json = body.truncated ? undefined : parseJson(body.text);
+  if (isObject(json) && typeof json.error === 'string' && json.error !== '') {
+    return new TokenEndpointError(status, {
+      error: clean(json.error, MAX_OAUTH_ERROR_CHARS, secrets),
+      errorDescription: typeof json.error_description === 'string'
+        ? clean(json.error_description, MAX_OAUTH_DESCRIPTION_CHARS, secrets)
+        : undefined,
+      retryAfterSeconds,
+    });
+  }
+  return new TokenEndpointError(status, { retryAfterSeconds, bodySnippet: snippet(headers, body, secrets) });
+}
+
+export function parseTokenResponse(status: number, headers: Headers, body: Body, now: number, secrets: string[]): Token {
+  // Never quote a 2xx body: it may hold a token in a shape we do not parse (e.g. form-encoded).
+  const what = `HTTP ${status}, ${clean(header(headers, 'content-type') ?? 'no content-type', 60, secrets)}`;
+  if (body.truncated) throw new TokenResponseError(`token response larger than ${MAX_BODY_BYTES} bytes (${what})`);
+  const json = parseJson(body.text);
+  if (json === undefined) throw new TokenResponseError(`token response is not JSON (${what})`);
+  if (!isObject(json)) throw new TokenResponseError(`token response is not a JSON object (${what})`);
+
+  if (json.error !== undefined && json.error !== null) {
+    const oauthError = clean(String(json.error), MAX_OAUTH_ERROR_CHARS, secrets);
+    const oauthErrorDescription = typeof json.error_description === 'string'
+      ? clean(json.error_description, MAX_OAUTH_DESCRIPTION_CHARS, secrets)
+      : undefined;
+    const detail = oauthErrorDescription === undefined ? oauthError : `${oauthError}: ${oauthErrorDescription}`;
+    throw new TokenResponseError(`token response carries an OAuth2 error (error=${detail})`, { oauthError, oauthErrorDescription });
+  }
+
+  const accessToken = json.access_token;
+  if (typeof accessToken !== 'string' || accessToken === '') {
+    throw new TokenResponseError('token response has no access_token');
+  }
+  if (!ACCESS_TOKEN.test(accessToken)) {
+    throw new TokenResponseError('access_token contains characters that cannot go into a header (space, control or non-ASCII)');
+  }
+
+  let tokenType = 'Bearer';
+  if (json.token_type !== undefined && json.token_type !== null) {
+    if (typeof json.token_type !== 'string' || !HEADER_TOKEN.test(json.token_type)) {
+      throw new TokenResponseError('token_type is not a valid HTTP token');
+    }
+    // RFC 6749 §5.1: token_type is case-insensitive; RFC 6750 spells the scheme "Bearer".
+    tokenType = json.token_type.toLowerCase() === 'bearer' ? 'Bearer' : json.token_type;
+  }
+
+  let lifetimeSeconds: number;
+  if (json.expires_in === undefined || json.expires_in === null) {
+    // expires_in is only RECOMMENDED (RFC 6749 §5.1); a JWT's own exp is the next best thing.
+    const exp = jwtExp(accessToken);
+    if (exp === undefined) throw new TokenResponseError('token response has no expires_in and the access token is not a JWT with exp');
+    lifetimeSeconds = exp - now / 1000;
+    if (lifetimeSeconds <= 0) throw new TokenResponseError('token response has no expires_in and the JWT exp is already past');
+  } else {
+    const n = positiveSeconds(json.expires_in);
+    if (n === undefined) throw new TokenResponseError('expires_in is not a positive number of seconds');
+    lifetimeSeconds = n;
+  }
+
+  return {
+    accessToken,
+    tokenType,
+    obtainedAt: now,
+    expiresAt: now + Math.round(lifetimeSeconds * 1000),
+    // Entra sends refresh_in; a bad one is ignored rather than failing a usable token.
+    refreshInSeconds: positiveSeconds(json.refresh_in),
+  };
+}
+
+/** A positive number, or a numeric string (Entra v1 sends "3599"). */
+function positiveSeconds(value: unknown): number | undefined {
+  const n = typeof value === 'number' ? value : typeof value === 'string' && NUMERIC.test(value) ? Number(value) : NaN;
+  return Number.isFinite(n) && n > 0 ? n : undefined;
+}
+
+/** `exp` of a JWS compact token, read without verifying it (we only need a lifetime hint). */
+function jwtExp(token: string): number | undefined {
+  const parts = token.split('.');
+  if (parts.length !== 3 || parts[1] === undefined) return undefined;
+  try {
+    const claims: unknown = JSON.parse(Buffer.from(parts[1], 'base64url').toString('utf8'));
+    return isObject(claims) && typeof claims.exp === 'number' && Number.isFinite(claims.exp) ? claims.exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** RFC 9110 §10.2.3: delay-seconds or an HTTP-date (resolved against the injected clock). */
+function parseRetryAfter(value: string | undefined, now: number): number | undefined {
+  if (value === undefined) return undefined;
+  const trimmed = value.trim();
+  if (/^\d+$/.test(trimmed)) return Number(trimmed);
+  const date = Date.parse(trimmed);
+  if (Number.isNaN(date)) return undefined;
+  return Math.max(0, Math.ceil((date - now) / 1000));
+}
+
+function header(headers: Headers, name: string): string | undefined {
+  const v = headers[name];
+  return Array.isArray(v) ? v[0] : v;
+}
+
+function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/** What a non-2xx, non-OAuth2 body looked like: its type and a short, printable start. */
+function snippet(headers: Headers, body: Body, secrets: string[]): string {
+  const type = clean(header(headers, 'content-type') ?? 'no content-type', 60, secrets);
+  const start = clean(body.text, SNIPPET_CHARS, secrets);
+  return start === '' ? `${type}, empty body` : `${type}: ${start}`;
+}
+
+/**
+ * Text from the endpoint made fit for a message: control characters gone, whitespace folded,
+ * length capped, and our own secret masked should a misbehaving endpoint echo the request.
+ */
+function clean(text: string, max: number, secrets: string[]): string {
+  let s = text;
+  for (const secret of secrets) if (secret !== '') s = s.split(secret).join('[redacted]');
+  s = s.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]+/g, ' ').replace(/\s+/g, ' ').trim();
+  return s.length > max ? `${s.slice(0, max)}…` : s;
+}
