@@ -4,10 +4,12 @@
 #   docker build -t oauth2-extproc .
 #   docker run --read-only -v $PWD/config.yaml:/etc/oauth2-extproc/config.yaml:ro oauth2-extproc
 #
-# Two stages: the builder has the dev dependencies and compiles TypeScript; the runtime has
-# only production dependencies and the compiled files. Both use the same Node as `npm test`
-# (the `node` devDependency), pinned to the patch release; test/deploy/dockerfile.test.ts
-# runs these steps without Docker and checks the pins.
+# The final image is distroless-like: the node binary of the Node base image with the few
+# shared libraries it links, the compiled sidecar and its production dependencies, and nothing
+# else (no shell, no npm, no package manager, no compiler). The stages before it run on the
+# same Node as `npm test` (the `node` devDependency), pinned to the patch release.
+# test/deploy/dockerfile.test.ts runs these steps without Docker and checks the pins;
+# test/containers/image.test.ts builds and runs the image with a Docker engine.
 
 FROM node:24.21.0-trixie-slim AS build
 WORKDIR /app
@@ -22,8 +24,36 @@ COPY src/ src/
 # shim, not installed without scripts).
 RUN node node_modules/typescript/bin/tsc -p tsconfig.build.json
 
-FROM node:24.21.0-trixie-slim AS runtime
-ENV NODE_ENV=production
+FROM node:24.21.0-trixie-slim AS deps
+WORKDIR /app
+COPY package.json package-lock.json ./
+# Production dependencies only; no install scripts (none of them needs one to run).
+RUN --mount=type=cache,target=/root/.npm npm ci --omit=dev --ignore-scripts --no-audit --no-fund
+
+# The final image's root: node, the libraries `ldd` says it loads, and a passwd/group naming
+# the runtime user (uid 1000, as in the Node image). glibc 2.34+ has the DNS and files
+# resolvers built in, so compose and Kubernetes service names resolve without NSS modules.
+FROM node:24.21.0-trixie-slim AS rootfs
+WORKDIR /rootfs
+RUN set -eu; \
+    node="$(command -v node)"; \
+    mkdir -p usr/local/bin etc; \
+    cp "$node" usr/local/bin/node; \
+    for lib in $(ldd "$node" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do \
+      mkdir -p ".$(dirname "$lib")"; cp -L "$lib" ".$lib"; \
+    done; \
+    echo 'node:x:1000:1000:node:/nonexistent:/sbin/nologin' > etc/passwd; \
+    echo 'node:x:1000:' > etc/group
+
+FROM scratch AS runtime
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="oauth2-extproc" \
+      org.opencontainers.image.description="Envoy external processor that injects OAuth2 client-credentials tokens and strips the caller's subscription key" \
+      org.opencontainers.image.source="https://github.com/oauth2-extproc/oauth2-extproc" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=rootfs /rootfs/ /
+ENV PATH=/usr/local/bin NODE_ENV=production
 # A small young generation. The sidecar keeps about 20 MB of live objects and its streams live
 # for well under a millisecond, yet V8 sizes its heap from the memory it sees: the container's
 # limit if one is set, else the machine's RAM. Without a limit on a large machine, a 128 MB young
@@ -35,18 +65,20 @@ ENV NODE_ENV=production
 ENV NODE_OPTIONS="--max-semi-space-size=2"
 WORKDIR /app
 COPY package.json package-lock.json ./
-# Production dependencies only; no install scripts (none of them needs one to run), and no npm
-# cache left in the image (it is a cache mount).
-RUN --mount=type=cache,target=/root/.npm npm ci --omit=dev --ignore-scripts --no-audit --no-fund
+COPY --from=deps /app/node_modules/ node_modules/
 COPY bin/ bin/
 COPY proto/ proto/
 COPY --from=build /app/dist/ dist/
-# A numeric user, so that Kubernetes can check runAsNonRoot without looking up a name: the
-# image's `node` user (uid 1000). Nothing is written at run time (logs go to stdout, the Unix
-# socket goes to a mounted volume), so a read-only root filesystem works as is.
+# A numeric user, so that Kubernetes can check runAsNonRoot without looking up a name. Nothing
+# is written at run time (logs go to stdout, the Unix socket goes to a mounted volume), so a
+# read-only root filesystem works as is.
 USER 1000:1000
 # ext_proc gRPC and admin HTTP (/healthz, /readyz, /metrics) in the default config layout.
 EXPOSE 9001 9002
+# Healthy = ready: every profile holds a token (docker compose waits on it). There is no curl
+# or shell in the image: node asks the admin port, 9002 unless ADMIN_PORT says otherwise.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["node", "-e", "fetch(`http://127.0.0.1:${process.env.ADMIN_PORT || 9002}/readyz`).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
 # node handles SIGTERM itself (drain, then exit 0); no shell in between to swallow it.
 ENTRYPOINT ["node", "bin/oauth2-extproc.js"]
 CMD ["--config", "/etc/oauth2-extproc/config.yaml"]

@@ -1,13 +1,17 @@
-// Runs the Dockerfile's build steps without Docker: each stage in a folder of its own, COPY
-// from the build context (filtered by .dockerignore) or from an earlier stage, RUN through
-// `sh -c` in the stage's WORKDIR with the stage's ENV, and the Node that runs this script as
-// the image's `node`. npm installs from the local cache when it can (`prefer-offline`).
-// It proves the steps produce a working node_modules and entry point; it cannot prove the
-// base image exists or the image's size. Used by test/deploy/dockerfile.test.ts, and by hand:
+// Runs the Dockerfile's build steps without Docker: each stage in a folder of its own (its `/`),
+// COPY from the build context (filtered by .dockerignore) or from an earlier stage, RUN through
+// `sh -c` in the stage's WORKDIR with the stage's ARG and ENV, and the Node that runs this
+// script as the image's `node` (the same release: the `node` devDependency). npm installs from
+// the local cache when it can (`prefer-offline`). A `FROM scratch` stage starts empty, so the
+// final stage's folder holds the whole root filesystem of a distroless image, and the test can
+// run it chrooted. It proves the steps produce a working node_modules and entry point; it cannot
+// prove the base image exists or the image's size (test/containers/image.test.ts builds the
+// real image). Used by test/deploy/dockerfile.test.ts, and by hand:
 //
-//   npx node scripts/docker-build-check.ts        # builds into a temp folder, runs --version
+//   npx node scripts/docker-build-check.ts        # builds into a temp folder, runs --version, removes it
+//   npx node scripts/docker-build-check.ts --keep # ... and keeps the folder (its path is printed)
 import { spawnSync } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, statSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join, posix, relative } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -83,26 +87,55 @@ export function dockerignore(text: string): (path: string) => boolean {
 
 export interface BuildResult {
   stages: Stage[];
+  /** The folder holding every stage's folder: remove it when done. */
+  outDir: string;
   /** The final stage's root folder (its `/`). */
   root: string;
   workdir: string;
   env: Record<string, string>;
+  labels: Record<string, string>;
   user: string | undefined;
   entrypoint: string[];
   cmd: string[];
+  /** HEALTHCHECK's command (exec form), without CMD. */
+  healthcheck: string[] | undefined;
   log: string[];
+}
+
+/** `KEY=value` words, values optionally double-quoted (LABEL, ENV and ARG take this form). */
+export function keyValues(args: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const m of args.matchAll(/([^\s=]+)=("(?:[^"\\]|\\.)*"|\S*)/g)) {
+    out[m[1]!] = m[2]!.startsWith('"') ? (JSON.parse(m[2]!) as string) : m[2]!;
+  }
+  return out;
+}
+
+/** `${NAME}` and `$NAME` from `vars`, as Docker expands them in LABEL, ENV, WORKDIR and COPY. */
+function expand(text: string, vars: Record<string, string>): string {
+  return text.replace(/\$\{(\w+)\}|\$(\w+)/g, (_, a: string | undefined, b: string | undefined) => vars[(a ?? b)!] ?? '');
 }
 
 export function runDockerfileSteps(options: { context?: string; outDir?: string; quiet?: boolean } = {}): BuildResult {
   const context = options.context ?? REPO;
   const outDir = options.outDir ?? mkdtempSync(join(tmpdir(), 'oauth2-extproc-image-'));
+  try {
+    return buildStages(context, outDir, options.quiet ?? false);
+  } catch (err) {
+    // A failed build leaves nothing behind (each run holds a Node binary and node_modules).
+    if (options.outDir === undefined) rmSync(outDir, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+function buildStages(context: string, outDir: string, quiet: boolean): BuildResult {
   const stages = parseDockerfile(readFileSync(join(context, 'Dockerfile'), 'utf8'));
   const ignored = dockerignore(existsSync(join(context, '.dockerignore')) ? readFileSync(join(context, '.dockerignore'), 'utf8') : '');
   const roots = new Map<string, string>();
   const log: string[] = [];
   const say = (text: string): void => {
     log.push(text);
-    if (!options.quiet) process.stdout.write(`${text}\n`);
+    if (!quiet) process.stdout.write(`${text}\n`);
   };
   let result: BuildResult | undefined;
 
@@ -112,9 +145,12 @@ export function runDockerfileSteps(options: { context?: string; outDir?: string;
     if (stage.name !== undefined) roots.set(stage.name, root);
     let workdir = '/';
     const env: Record<string, string> = {};
+    const args: Record<string, string> = {};
+    const labels: Record<string, string> = {};
     let user: string | undefined;
     let entrypoint: string[] = [];
     let cmd: string[] = [];
+    let healthcheck: string[] | undefined;
     const inRoot = (p: string): string => join(root, posix.resolve(workdir, p));
     say(`FROM ${stage.from}${stage.name ? ` AS ${stage.name}` : ''}  (emulated in ${root})`);
 
@@ -125,10 +161,19 @@ export function runDockerfileSteps(options: { context?: string; outDir?: string;
           workdir = posix.resolve(workdir, ins.args);
           mkdirSync(inRoot('.'), { recursive: true });
           break;
-        case 'ENV': {
-          const m = /^(\S+?)[= ](.*)$/.exec(ins.args);
-          if (!m) throw new Error(`Dockerfile line ${ins.line}: ENV needs KEY=value`);
-          env[m[1]!] = m[2]!.replace(/^"(.*)"$/, '$1');
+        case 'ENV':
+        case 'ARG':
+        case 'LABEL': {
+          const pairs = keyValues(ins.args);
+          if (Object.keys(pairs).length === 0) throw new Error(`Dockerfile line ${ins.line}: ${ins.keyword} needs KEY=value`);
+          const target = ins.keyword === 'ENV' ? env : ins.keyword === 'ARG' ? args : labels;
+          for (const [key, value] of Object.entries(pairs)) target[key] = expand(value, { ...args, ...env });
+          break;
+        }
+        case 'HEALTHCHECK': {
+          const m = /^((?:--\S+\s+)*)CMD\s+(\[.*\])$/s.exec(ins.args);
+          if (!m) throw new Error(`Dockerfile line ${ins.line}: HEALTHCHECK [--flags] CMD [exec form] expected`);
+          healthcheck = execForm(m[2]!);
           break;
         }
         case 'COPY': {
@@ -169,12 +214,12 @@ export function runDockerfileSteps(options: { context?: string; outDir?: string;
           // local cache when it has them.
           const run = spawnSync('sh', ['-c', flags[2]!], {
             cwd: inRoot('.'),
-            env: { ...process.env, ...env, PATH: `${dirname(process.execPath)}:${process.env.PATH ?? ''}`, npm_config_prefer_offline: 'true', npm_config_update_notifier: 'false' },
+            env: { ...process.env, ...args, ...env, PATH: `${dirname(process.execPath)}:${process.env.PATH ?? ''}`, npm_config_prefer_offline: 'true', npm_config_update_notifier: 'false' },
             encoding: 'utf8',
             stdio: ['ignore', 'pipe', 'pipe'],
           });
           if (run.stdout.trim()) say(run.stdout.trim());
-          if (run.status !== 0) throw new Error(`Dockerfile line ${ins.line}: RUN ${ins.args} failed (${run.status}):\n${run.stderr}`);
+          if (run.status !== 0) throw new Error(`Dockerfile line ${ins.line}: RUN ${ins.args} failed (${run.status}):\n${run.stdout}${run.stderr}`);
           break;
         }
         case 'USER':
@@ -192,7 +237,7 @@ export function runDockerfileSteps(options: { context?: string; outDir?: string;
           throw new Error(`Dockerfile line ${ins.line}: ${ins.keyword} is not emulated by this check`);
       }
     }
-    result = { stages, root, workdir, env, user, entrypoint, cmd, log };
+    result = { stages, outDir, root, workdir, env, labels, user, entrypoint, cmd, healthcheck, log };
   });
   if (result === undefined) throw new Error('the Dockerfile has no stage');
   return result;
@@ -213,8 +258,13 @@ export function runEntrypoint(build: BuildResult, args: string[]): { status: num
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
   const started = Date.now();
+  const keep = process.argv.includes('--keep');
   const build = runDockerfileSteps();
-  const version = runEntrypoint(build, ['--version']);
-  process.stdout.write(`\n${build.entrypoint.join(' ')} --version → ${version.stdout.trim() || version.stderr.trim()} (exit ${version.status}); built in ${((Date.now() - started) / 1000).toFixed(1)} s at ${build.root}\n`);
-  process.exitCode = version.status === 0 ? 0 : 1;
+  try {
+    const version = runEntrypoint(build, ['--version']);
+    process.stdout.write(`\n${build.entrypoint.join(' ')} --version → ${version.stdout.trim() || version.stderr.trim()} (exit ${version.status}); built in ${((Date.now() - started) / 1000).toFixed(1)} s${keep ? ` at ${build.root}` : ''}\n`);
+    process.exitCode = version.status === 0 ? 0 : 1;
+  } finally {
+    if (!keep) rmSync(build.outDir, { recursive: true, force: true });
+  }
 }

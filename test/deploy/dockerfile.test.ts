@@ -4,31 +4,56 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { dockerignore, execForm, parseDockerfile, REPO, runDockerfileSteps, runEntrypoint, type BuildResult } from '../../scripts/docker-build-check.ts';
 
 const dockerfile = readFileSync(join(REPO, 'Dockerfile'), 'utf8');
 const stages = parseDockerfile(dockerfile);
-const pkg = JSON.parse(readFileSync(join(REPO, 'package.json'), 'utf8')) as { version: string; dependencies: Record<string, string>; devDependencies: Record<string, string> };
+const pkg = JSON.parse(readFileSync(join(REPO, 'package.json'), 'utf8')) as { version: string; license: string; dependencies: Record<string, string>; devDependencies: Record<string, string> };
 const lock = JSON.parse(readFileSync(join(REPO, 'package-lock.json'), 'utf8')) as { packages: Record<string, { version: string; dev?: boolean; optional?: boolean }> };
 
-test('multi-stage, every stage on the same Node as the tests, pinned to the patch release', () => {
-  assert.ok(stages.length >= 2, 'a build stage and a runtime stage');
+const nodeStages = stages.filter((s) => s.from !== 'scratch');
+const runtime = stages.at(-1)!;
+const copiesFrom = (stage: typeof runtime): string[] => stage.instructions.filter((i) => i.keyword === 'COPY').map((i) => /--from=(\S+)/.exec(i.args)?.[1]).filter((f) => f !== undefined);
+const byName = (name: string): (typeof stages)[number] => {
+  const stage = stages.find((s) => s.name === name);
+  assert.ok(stage, `a stage named ${name}`);
+  return stage;
+};
+const runsOf = (stage: typeof runtime): string[] => stage.instructions.filter((i) => i.keyword === 'RUN').map((i) => i.args);
+
+test('multi-stage, every Node stage on the same Node as the tests, pinned to the patch release', () => {
+  assert.ok(stages.length >= 2, 'build stages and a runtime stage');
   const testedNode = lock.packages['node_modules/node']!.version; // the `node` devDependency
-  for (const stage of stages) {
+  assert.ok(nodeStages.length >= 1);
+  for (const stage of nodeStages) {
     const m = /^node:(\d+\.\d+\.\d+)-(?:[a-z]+-)?(slim|alpine)$/.exec(stage.from);
     assert.ok(m, `${stage.from}: a node image pinned to major.minor.patch, slim or alpine`);
     assert.equal(m[1], testedNode, `${stage.from} runs the Node the tests run (${testedNode})`);
   }
 });
 
-test('the runtime stage: production dependencies only, non-root numeric user, exec-form entry point of the CLI', () => {
-  const runtime = stages.at(-1)!;
-  const runs = runtime.instructions.filter((i) => i.keyword === 'RUN').map((i) => i.args);
-  assert.ok(runs.some((r) => /\bnpm ci\b/.test(r) && r.includes('--omit=dev') && r.includes('--ignore-scripts')), runs.join('\n'));
-  assert.ok(!runs.some((r) => /\bnpm (ci|install)\b/.test(r) && !r.includes('--omit=dev')), 'no full install in the runtime stage');
+test('the runtime stage: from scratch, nothing run in it, its parts copied from the Node stages', () => {
+  // No base image, no RUN: no shell, npm, package manager or compiler can be in the final image.
+  assert.equal(runtime.from, 'scratch');
+  assert.deepEqual(runsOf(runtime), []);
+  for (const from of copiesFrom(runtime)) assert.ok(nodeStages.some((s) => s.name === from), `COPY --from=${from}: a Node stage`);
+  // Production dependencies come from a stage whose only install is `npm ci --omit=dev`, without scripts.
+  const depsCopy = runtime.instructions.find((i) => i.keyword === 'COPY' && /\bnode_modules\b/.test(i.args));
+  assert.ok(depsCopy, 'node_modules copied into the runtime');
+  const deps = byName(/--from=(\S+)/.exec(depsCopy.args)![1]!);
+  const installs = runsOf(deps).filter((r) => /\bnpm (ci|install)\b/.test(r));
+  assert.equal(installs.length, 1);
+  assert.ok(installs[0]!.includes('--omit=dev') && installs[0]!.includes('--ignore-scripts'), installs[0]);
+  // From the build stage (which has the dev dependencies) only the compiled dist/.
+  for (const ins of runtime.instructions.filter((i) => i.keyword === 'COPY' && i.args.includes('--from=build'))) {
+    assert.match(ins.args, /^--from=build \/app\/dist\/ dist\/$/);
+  }
+});
+
+test('the runtime stage: a non-root numeric user, an exec-form entry point of the CLI, a health check on /readyz', () => {
   const users = runtime.instructions.filter((i) => i.keyword === 'USER');
   assert.equal(users.length, 1);
   const [uid, gid] = users[0]!.args.split(':');
@@ -38,8 +63,10 @@ test('the runtime stage: production dependencies only, non-root numeric user, ex
   const entrypoint = runtime.instructions.filter((i) => i.keyword === 'ENTRYPOINT');
   assert.equal(entrypoint.length, 1);
   assert.deepEqual(execForm(entrypoint[0]!.args), ['node', 'bin/oauth2-extproc.js']);
-  // The USER line comes after every RUN: nothing runs as root at run time.
-  assert.ok(runtime.instructions.findIndex((i) => i.keyword === 'USER') > runtime.instructions.findLastIndex((i) => i.keyword === 'RUN'));
+  const health = runtime.instructions.filter((i) => i.keyword === 'HEALTHCHECK');
+  assert.equal(health.length, 1);
+  assert.match(health[0]!.args, /^--interval=\S+ --timeout=\S+ --start-period=\S+ --retries=\d+ CMD \["node", "-e", /);
+  assert.match(health[0]!.args, /127\.0\.0\.1:\$\{process\.env\.ADMIN_PORT \|\| 9002\}\/readyz/);
 });
 
 test('.dockerignore keeps the context to what the image copies', () => {
@@ -57,7 +84,7 @@ before(() => {
   build = runDockerfileSteps({ quiet: true });
 });
 after(() => {
-  if (build !== undefined) rmSync(join(build.root, '..'), { recursive: true, force: true });
+  if (build !== undefined) rmSync(build.outDir, { recursive: true, force: true });
 });
 
 test('the build steps produce a runtime with the compiled CLI and production dependencies only', () => {
@@ -77,26 +104,41 @@ test('the build steps produce a runtime with the compiled CLI and production dep
   assert.ok(!existsSync(join(app, 'node_modules', 'typescript')), 'no compiler in the image');
 });
 
+test('the root filesystem: node, its libraries, the user, and nothing else (no shell, no npm)', () => {
+  const top = readdirSync(build.root).sort();
+  assert.deepEqual(top.filter((d) => !['lib', 'lib64', 'usr'].includes(d)), ['app', 'etc']);
+  assert.deepEqual(readdirSync(join(build.root, 'usr', 'local', 'bin')), ['node']);
+  assert.deepEqual(readdirSync(join(build.root, 'etc')).sort(), ['group', 'passwd']);
+  const [uid, gid] = build.user!.split(':');
+  assert.match(readFileSync(join(build.root, 'etc', 'passwd'), 'utf8'), new RegExp(`^node:x:${uid}:${gid}:`));
+  for (const path of ['bin/sh', 'usr/bin/sh', 'usr/local/bin/npm', 'usr/local/lib/node_modules', 'usr/bin/apt-get']) {
+    assert.ok(!existsSync(join(build.root, path)), `no ${path}`);
+  }
+});
+
+test('OCI labels: source, the package version and licence', () => {
+  assert.equal(build.labels['org.opencontainers.image.version'], pkg.version);
+  assert.equal(build.labels['org.opencontainers.image.licenses'], pkg.license);
+  assert.match(build.labels['org.opencontainers.image.source'] ?? '', /^https:\/\/\S+$/);
+  assert.equal(build.labels['org.opencontainers.image.title'], 'oauth2-extproc');
+});
+
 test('the entry point runs: --version prints the package version', () => {
   const out = runEntrypoint(build, ['--version']);
   assert.equal(out.status, 0, out.stderr);
   assert.equal(out.stdout.trim(), pkg.version);
 });
 
-// setpriv (util-linux) drops to the image's user; as that user the image's files are read-only.
-const setpriv = spawnSync('setpriv', ['--version']).status === 0 && process.getuid?.() === 0;
+// As root, chroot (coreutils) runs the image's own root filesystem: its node with only the
+// libraries copied next to it, as the image's user, for whom the image's files are read-only.
+const chroot = process.getuid?.() === 0 ? spawnSync('sh', ['-c', 'command -v chroot'], { encoding: 'utf8' }).stdout.trim() : '';
 
-test('the entry point serves as the image user, writing nothing in the image', { skip: setpriv ? false : 'needs root and setpriv (util-linux)' }, async () => {
-  const app = join(build.root, build.workdir);
+test('the image root runs chrooted as the image user: serves, writes nothing, stops on SIGTERM with 0', { skip: chroot !== '' ? false : 'needs root and chroot (coreutils)' }, async () => {
   const [uid, gid] = build.user!.split(':');
-  const dir = mkdtempSync(join(tmpdir(), 'oauth2-extproc-ro-'));
-  chmodSync(dir, 0o755);
-  // The build ran as root: the image user may read but not write any of it. Open only the
-  // build's own folders (mkdtemp made the top one 0700), never anything above them.
-  const top = join(build.root, '..');
-  for (const p of [top, build.root]) chmodSync(p, 0o755);
-  const config = join(dir, 'config.yaml');
-  writeFileSync(config, [
+  // Where the compose file and the pod mount the config (a bind mount in a real container).
+  const configDir = join(build.root, 'etc', 'oauth2-extproc');
+  mkdirSync(configDir);
+  writeFileSync(join(configDir, 'config.yaml'), [
     'server: { grpc: "127.0.0.1:0", admin: "127.0.0.1:0", shutdownGraceSeconds: 1 }',
     'profiles:',
     '  default:',
@@ -104,11 +146,13 @@ test('the entry point serves as the image user, writing nothing in the image', {
     '    clientId: demo',
     '    clientSecret: demo',
   ].join('\n'));
-  chmodSync(config, 0o644);
+  // The build ran as root and mkdtemp made the top folder 0700: open only the build's own
+  // folders to the image user, never anything above them.
+  for (const p of [build.outDir, build.root]) chmodSync(p, 0o755);
   const [program, ...rest] = build.entrypoint;
-  const child = spawn('setpriv', [`--reuid=${uid}`, `--regid=${gid ?? uid}`, '--clear-groups', program === 'node' ? process.execPath : program!, ...rest, '--config', config], {
-    cwd: app,
-    env: { PATH: process.env.PATH ?? '', HOME: '/nonexistent', ...build.env },
+  const args = [...rest.map((a) => (a.startsWith('/') ? a : `${build.workdir}/${a}`)), ...build.cmd];
+  const child = spawn(chroot, [`--userspec=${uid}:${gid ?? uid}`, build.root, program!, ...args], {
+    env: build.env, // the image's PATH finds its node; nothing of this machine's environment
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stdout = '';
@@ -136,7 +180,6 @@ test('the entry point serves as the image user, writing nothing in the image', {
   } finally {
     child.kill('SIGTERM');
     assert.equal(await exited, 0, `${stdout}\n${stderr}`);
-    rmSync(dir, { recursive: true, force: true });
   }
   assert.doesNotMatch(stdout + stderr, /EACCES|EROFS|permission denied/i);
 });
