@@ -62,6 +62,8 @@ export interface ServerConfig {
   readonly shutdownGraceSeconds: number;
   /** Processes serving ext_proc streams; tokens are still fetched once, by the primary. */
   readonly workers: number;
+  /** Seconds an ext_proc stream may stay open with nothing to do before it is closed (with an error). */
+  readonly streamIdleSeconds: number;
 }
 
 export interface Config {
@@ -109,7 +111,7 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
   const v = new Validator(problems, options.env ?? process.env, options.baseDir ?? process.cwd());
   const root = v.object(doc.toJS(), '', ['server', 'logging', 'profiles']);
 
-  const server = v.object(root?.server, 'server', ['grpc', 'admin', 'shutdownGraceSeconds', 'workers']);
+  const server = v.object(root?.server, 'server', ['grpc', 'admin', 'shutdownGraceSeconds', 'workers', 'streamIdleSeconds']);
   const grpc = v.string(server?.grpc, 'server.grpc', { default: '127.0.0.1:9001' });
   const admin = v.string(server?.admin, 'server.admin', { default: '127.0.0.1:9002' });
   if (grpc !== undefined) v.address(grpc, 'server.grpc', true);
@@ -121,6 +123,7 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
     workers: server?.workers === 'auto'
       ? availableParallelism()
       : v.number(server?.workers, 'server.workers', { default: 1, min: 1, max: 64, integer: true }),
+    streamIdleSeconds: v.number(server?.streamIdleSeconds, 'server.streamIdleSeconds', { default: 60, min: 1, max: 86_400 }),
   };
 
   const logging = v.object(root?.logging, 'logging', ['level']);

@@ -1,34 +1,116 @@
 // The gRPC server that Envoy talks to: the ext_proc service and gRPC health on one port. Used
 // by the single-process sidecar and by each worker process.
+//
+// The listening socket is ours (node:net), and grpc-js serves the connections we hand it
+// (Server.createConnectionInjector). So we count and close connections ourselves: grpc-js's own
+// forceShutdown() finds no session to destroy when channelz is off (it only tracks sessions in
+// its channelz handler), and its failed bind logs a line of its own before ours.
 import { chmodSync, rmSync, statSync } from 'node:fs';
-import { Server, ServerCredentials } from '@grpc/grpc-js';
+import type { ServerHttp2Stream, ServerOptions as Http2ServerOptions } from 'node:http2';
+import { constants as http2Constants } from 'node:http2';
+import { createServer, type Server as NetServer, type Socket } from 'node:net';
+import { Metadata, Server, ServerCredentials, status as grpcStatus, type ConnectionInjector, type ServerDuplexStream } from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import { ExtProcService, type ProfileBinding } from './ext-proc-service.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics } from './metrics.ts';
 import { extProcService, SERVICE_NAME } from './protocol.ts';
 
-// Envoy resets (RST_STREAM) essentially every ext_proc stream once it is done with it. Node's
-// HTTP/2 server answers more than ~1,000 resets per connection (then ~33/s) with GOAWAY, failing
-// every stream in flight (the CVE-2023-44487 "rapid reset" guard). The only client here is the
-// local Envoy, whose stream rate is the request rate, so the guard is raised far above any rate
-// one Node process can serve. grpc-js does not expose these http2 options; they are added to the
-// options it passes to http2.createServer (nodejs/node#54875, Node ≥22).
-const HTTP2_RESET_LIMITS = { streamResetBurst: 1_000_000, streamResetRate: 1_000_000 };
+/**
+ * What a caller can grow on this port, bounded. The only legitimate client is the local Envoy;
+ * docs/deployment.md ("Limits on the gRPC port") has the figures behind each number.
+ */
+export const LIMITS = {
+  /** Concurrent connections. Envoy opens about one per worker thread, more only past maxStreamsPerConnection. */
+  maxConnections: 128,
+  /** HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: past it, Envoy opens another connection. */
+  maxStreamsPerConnection: 1000,
+  /** Open streams in this process, all connections together; more are refused (RESOURCE_EXHAUSTED). */
+  maxOpenStreams: 8000,
+  /** Node's per-connection memory budget (MB): past it, new streams on that connection are refused. */
+  maxSessionMemoryMb: 16,
+  /** A request_headers message carries at most Envoy's header limit (max_request_headers_kb, 60 KiB by default). */
+  maxMessageBytes: 256 * 1024,
+  /** Replies written but not yet taken by the client; Envoy takes each at once, so more means it does not read. */
+  maxUnsentReplies: 4,
+  /** Envoy sends request_headers as it opens the stream: a stream without a first message by then is closed. */
+  firstMessageMs: 10_000,
+  /**
+   * Received RST_STREAM frames per connection (Node's rapid-reset guard, CVE-2023-44487): a
+   * token bucket of `burst` resets refilled at `rate` a second; past it, GOAWAY. Envoy with its
+   * default settings resets every ext_proc stream, so the guard must let through the reset rate
+   * of one connection at the most streams a second one process serves; measured with Envoy 1.40
+   * at saturation (docs/deployment.md): at most 3,900 resets a second on one connection, 0 with
+   * the shipped envoy.yaml (graceful close). The rate is 2.5x that peak, the burst 2 s of it.
+   */
+  resetRate: 10_000,
+  resetBurst: 20_000,
+} as const;
+
+/** How often idle streams are looked for; also the resolution of the idle limits. */
+const SWEEP_MS = 1000;
+/** After its error status, a stream the client does not close within this is reset. */
+const CLOSE_GRACE_MS = 2000;
+/**
+ * Drain: the process stops once no stream has opened for this long and none is open. Under
+ * load through Envoy the gap between two streams is well under a millisecond; 2 s still waits
+ * out a client that pauses between requests, and lets Envoy exit first when both are stopped.
+ */
+export const DRAIN_QUIET_MS = 2000;
+
+type Call = ServerDuplexStream<unknown, unknown>;
+
+interface StreamState {
+  /** SWEEP ticks, not milliseconds: the coarse clock costs nothing per message. */
+  openedAt: number;
+  lastActive: number;
+  messages: number;
+  /** When we sent this stream its error status, or 0. */
+  failedAt: number;
+}
+
+export interface ListenerOptions {
+  profiles: readonly ProfileBinding[];
+  logger: Logger;
+  metrics: Metrics;
+  /** A stream with nothing to do for this long is closed (server.streamIdleSeconds). */
+  streamIdleMs?: number;
+}
 
 export class GrpcListener {
   readonly service: ExtProcService;
   private readonly server: Server;
   private readonly health = new HealthImplementation({ '': 'NOT_SERVING', [SERVICE_NAME]: 'NOT_SERVING' });
+  private readonly logger: Logger;
+  private readonly idleMs: number;
+  private readonly injector: ConnectionInjector;
+  private netServer: NetServer | undefined;
   private socketPath: string | undefined;
+  private readonly sockets = new Set<Socket>();
+  private readonly streams = new Map<Call, StreamState>();
+  private now = Date.now();
+  private lastStreamAt = 0;
+  private readonly sweeper: NodeJS.Timeout;
+  private readonly refusals = { connections: 0, streams: 0, idle: 0, unread: 0 };
+  private lastRefusalLog = 0;
 
-  constructor(options: { profiles: readonly ProfileBinding[]; logger: Logger; metrics: Metrics }) {
+  constructor(options: ListenerOptions) {
+    this.logger = options.logger;
+    this.idleMs = options.streamIdleMs ?? 60_000;
     this.service = new ExtProcService(options);
-    // channelz bookkeeping per call is pure overhead for a sidecar.
-    this.server = new Server({ 'grpc.enable_channelz': 0 });
-    Object.assign((this.server as unknown as { commonServerOptions: object }).commonServerOptions, HTTP2_RESET_LIMITS);
-    this.server.addService(extProcService, { Process: this.service.process });
+    this.server = new Server({
+      // channelz bookkeeping per call is pure overhead for a sidecar.
+      'grpc.enable_channelz': 0,
+      'grpc.max_concurrent_streams': LIMITS.maxStreamsPerConnection,
+      // grpc-js turns Node's session memory limit off by default; an unread connection then grows without end.
+      'grpc-node.max_session_memory': LIMITS.maxSessionMemoryMb,
+      'grpc.max_receive_message_length': LIMITS.maxMessageBytes,
+    });
+    setHttp2Options(this.server, { streamResetBurst: LIMITS.resetBurst, streamResetRate: LIMITS.resetRate });
+    this.server.addService(extProcService, { Process: (call: Call) => this.admit(call) });
     this.health.addToServer(this.server);
+    this.injector = this.server.createConnectionInjector(ServerCredentials.createInsecure());
+    this.sweeper = setInterval(() => this.sweep(), SWEEP_MS).unref();
   }
 
   /** gRPC health follows readiness (SERVING only when every profile has a token). */
@@ -38,45 +120,206 @@ export class GrpcListener {
     this.health.setStatus(SERVICE_NAME, status);
   }
 
+  get openStreams(): number {
+    return this.streams.size;
+  }
+
+  get connections(): number {
+    return this.sockets.size;
+  }
+
   /** Binds `host:port` or `unix:/path`; resolves with the address actually bound. */
   async bind(address: string, options: { removeStaleSocket?: boolean } = {}): Promise<string> {
-    let target = address;
+    const server = createServer({ noDelay: true }, (socket) => this.accept(socket));
+    this.netServer = server;
+    let listen: { path: string } | { host: string; port: number };
     if (address.startsWith('unix:')) {
       const path = address.slice('unix:'.length).replace(/^\/\/(?=\/)/, '');
       if (options.removeStaleSocket ?? true) removeStaleSocket(path);
       this.socketPath = path;
-      target = `unix:${path}`;
+      listen = { path };
+    } else {
+      const i = address.lastIndexOf(':');
+      listen = { host: address.slice(0, i).replace(/^\[(.*)\]$/, '$1'), port: Number(address.slice(i + 1)) };
     }
-    const port = await new Promise<number>((resolve, reject) => {
-      this.server.bindAsync(target, ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p)));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ ...listen, backlog: 511 }, () => {
+        server.off('error', reject);
+        resolve();
+      });
     });
+    server.on('error', (err) => this.logger.error({ err }, 'gRPC listener error'));
     if (this.socketPath !== undefined) {
       // The ext_proc answer carries the access token: only the owner and its group (the pod's
       // fsGroup, shared with Envoy) may connect.
       chmodSync(this.socketPath, 0o660);
       return `unix:${this.socketPath}`;
     }
+    const port = (server.address() as { port: number }).port;
     return `${address.slice(0, address.lastIndexOf(':'))}:${port}`;
   }
 
-  /** Lets open streams finish within graceMs, then closes what is left. */
-  async drain(graceMs: number, logger: Logger): Promise<void> {
+  /**
+   * SIGTERM: keeps serving every stream, open and new (Envoy still sends requests while it
+   * learns that this pod is going), until no stream has opened for DRAIN_QUIET_MS and none is
+   * open, or until graceMs; then closes whatever is left.
+   */
+  async drain(graceMs: number, logger: Logger = this.logger): Promise<void> {
+    const deadline = Date.now() + graceMs;
+    this.lastStreamAt = Math.max(this.lastStreamAt, Date.now());
     await new Promise<void>((resolve) => {
-      const timer = setTimeout(() => {
-        logger.warn({ openStreams: this.service.streamsOpen }, 'grace period over: closing the remaining streams');
-        this.server.forceShutdown();
-        resolve();
-      }, graceMs);
-      this.server.tryShutdown(() => {
-        clearTimeout(timer);
-        resolve();
-      });
+      const check = (): void => {
+        const now = Date.now();
+        const quiet = this.streams.size === 0 && now - this.lastStreamAt >= DRAIN_QUIET_MS;
+        if (quiet || now >= deadline) {
+          clearInterval(timer);
+          resolve();
+        }
+      };
+      const timer = setInterval(check, 50);
+      check();
     });
+    if (this.streams.size > 0) logger.warn({ openStreams: this.streams.size }, 'grace period over: closing the remaining streams');
+    await this.close();
   }
 
+  /** Stops listening and ends every open stream with UNAVAILABLE, then every connection. */
+  private async close(): Promise<void> {
+    this.netServer?.close();
+    for (const call of this.streams.keys()) failCall(call, grpcStatus.UNAVAILABLE, 'the sidecar is shutting down');
+    // GOAWAY on every connection; those that have not closed shortly after are cut.
+    this.injector.destroy();
+    const closed = [...this.sockets].map((socket) => new Promise<void>((resolve) => {
+      if (socket.destroyed) return resolve();
+      socket.once('close', () => resolve());
+    }));
+    const cut = setTimeout(() => this.forceShutdown(), 500);
+    await Promise.all(closed);
+    clearTimeout(cut);
+    this.forceShutdown();
+  }
+
+  /** Closes every connection at once, and with them every open stream. */
   forceShutdown(): void {
+    clearInterval(this.sweeper);
+    this.netServer?.close();
+    for (const socket of this.sockets) socket.destroy();
+    this.sockets.clear();
+    this.injector.destroy();
     this.server.forceShutdown();
   }
+
+  private accept(socket: Socket): void {
+    if (this.sockets.size >= LIMITS.maxConnections) {
+      this.refusals.connections++;
+      this.logRefusals();
+      socket.destroy();
+      return;
+    }
+    this.sockets.add(socket);
+    socket.once('close', () => this.sockets.delete(socket));
+    socket.on('error', () => {}); // a peer that went away; the session handles the rest
+    this.injector.injectConnection(socket);
+  }
+
+  private admit(call: Call): void {
+    this.lastStreamAt = Date.now();
+    if (this.streams.size >= LIMITS.maxOpenStreams) {
+      this.refusals.streams++;
+      this.logRefusals();
+      failCall(call, grpcStatus.RESOURCE_EXHAUSTED, `more than ${LIMITS.maxOpenStreams} open ext_proc streams`);
+      return;
+    }
+    const tick = this.now;
+    this.streams.set(call, { openedAt: tick, lastActive: tick, messages: 0, failedAt: 0 });
+    call.once('close', this.onClose);
+    // Before the service's own listener: a reply still unsent from earlier messages is seen
+    // here, as the next message comes in.
+    call.on('data', this.onData);
+    this.service.process(call);
+  }
+
+  private readonly onClose = ((listener: GrpcListener) => function (this: Call): void {
+    listener.streams.delete(this);
+  })(this);
+
+  private readonly onData = ((listener: GrpcListener) => function (this: Call): void {
+    const state = listener.streams.get(this);
+    if (state === undefined) return;
+    state.lastActive = listener.now;
+    state.messages++;
+    if (this.writableLength >= LIMITS.maxUnsentReplies && state.failedAt === 0) {
+      // The client sends but does not read: its replies would pile up in memory.
+      listener.refusals.unread++;
+      listener.logRefusals();
+      resetCall(this);
+    }
+  })(this);
+
+  /** Once a second: close streams that never asked anything, or that sit with nothing to do. */
+  private sweep(): void {
+    const now = Date.now();
+    this.now = now;
+    for (const [call, state] of this.streams) {
+      if (state.failedAt !== 0) {
+        // Told to go, still open: its client does not read, so the status cannot reach it.
+        if (now - state.failedAt >= CLOSE_GRACE_MS) resetCall(call);
+      } else if (state.messages === 0 && now - state.openedAt >= LIMITS.firstMessageMs) {
+        state.failedAt = now;
+        this.refusals.idle++;
+        failCall(call, grpcStatus.DEADLINE_EXCEEDED, `no request_headers within ${LIMITS.firstMessageMs / 1000} s`);
+      } else if (now - state.lastActive >= this.idleMs) {
+        state.failedAt = now;
+        this.refusals.idle++;
+        failCall(call, grpcStatus.DEADLINE_EXCEEDED, `ext_proc stream idle for ${this.idleMs / 1000} s`);
+      }
+    }
+    if (this.refusals.idle > 0) this.logRefusals();
+  }
+
+  /** One warning a minute at most, with the counts since the last one. */
+  private logRefusals(): void {
+    const now = Date.now();
+    if (now - this.lastRefusalLog < 60_000) return;
+    this.lastRefusalLog = now;
+    this.logger.warn({ ...this.refusals, limits: LIMITS, streamIdleMs: this.idleMs },
+      'gRPC port limits reached: connections, streams or idle streams were closed (the only client should be the local Envoy)');
+    this.refusals.connections = this.refusals.streams = this.refusals.idle = this.refusals.unread = 0;
+  }
+}
+
+/** Ends a stream with an error status: never a clean OK, which tells Envoy to go on unchanged. */
+function failCall(call: Call, code: grpcStatus, details: string): void {
+  call.emit('error', { code, details, metadata: new Metadata() });
+}
+
+/**
+ * RST_STREAM for a stream whose client does not read: an error status would only queue behind
+ * the replies it never takes. grpc-js keeps the HTTP/2 stream private (ServerDuplexStreamImpl
+ * .call → BaseServerInterceptingCall.stream, @grpc/grpc-js 1.14 without interceptors); without
+ * it the stream is left to the connection's end.
+ */
+function resetCall(call: Call): void {
+  const stream = (call as unknown as { call?: { stream?: ServerHttp2Stream } }).call?.stream;
+  if (stream !== undefined && typeof stream.close === 'function') {
+    if (!stream.destroyed) stream.close(http2Constants.NGHTTP2_CANCEL);
+  } else {
+    failCall(call, grpcStatus.RESOURCE_EXHAUSTED, 'the client does not read its replies');
+  }
+}
+
+/**
+ * grpc-js passes no HTTP/2 server option but a few of its own; the reset limiter's options
+ * (nodejs/node#54875, Node ≥22) reach http2.createServer only through the options object it
+ * keeps for that (private, @grpc/grpc-js 1.14). Fails loudly if a grpc-js update moves it.
+ */
+function setHttp2Options(server: Server, options: Http2ServerOptions): void {
+  const common = (server as unknown as { commonServerOptions?: Http2ServerOptions }).commonServerOptions;
+  if (common === undefined || typeof common !== 'object') {
+    throw new Error('@grpc/grpc-js no longer keeps commonServerOptions: the HTTP/2 reset limits cannot be set (pin @grpc/grpc-js ~1.14)');
+  }
+  Object.assign(common, options);
 }
 
 export function removeStaleSocket(path: string): void {

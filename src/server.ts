@@ -71,6 +71,7 @@ export class Sidecar {
         profiles: [...this.caches].map(([name, cache]) => ({ config: config.profiles[name]!, tokens: cache })),
         logger,
         metrics: this.metrics,
+        streamIdleMs: config.server.streamIdleSeconds * 1000,
       });
       this.readiness.onChange((ready) => this.listener!.setServing(ready));
     }

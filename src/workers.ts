@@ -163,6 +163,7 @@ export async function runWorker(config: Config, logger: Logger): Promise<void> {
     profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: handed.get(p.name)! })),
     logger,
     metrics,
+    streamIdleMs: config.server.streamIdleSeconds * 1000,
   });
   const toPrimary = (message: ToPrimary): void => {
     process.send?.(message);
