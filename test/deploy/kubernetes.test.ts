@@ -151,8 +151,12 @@ test('ports line up: Service → Envoy listener → application; probes on the s
     const action = envoy[probe].httpGet ?? envoy[probe].tcpSocket;
     assert.equal(port(envoy, action.port), listenerPort, probe);
   }
-  // Envoy's readiness goes through its /healthz route, which needs no token.
-  assert.equal(envoy.readinessProbe.httpGet.path, '/healthz');
+  // Envoy's readiness goes through the ext_proc filter to a route Envoy answers itself: it fails
+  // when Envoy cannot reach the sidecar (test/containers/pod.test.ts removes the socket mount).
+  assert.equal(envoy.readinessProbe.httpGet.path, '/oauth2-extproc/ready');
+  const route = envoyConfig.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes
+    .find((r: any) => r.match.path === envoy.readinessProbe.httpGet.path);
+  assert.deepEqual(route, { match: { path: '/oauth2-extproc/ready' }, direct_response: { status: 200, body: { inline_string: 'ready\n' } } });
   const policyPorts = find('NetworkPolicy').spec.ingress.flatMap((i: any) => i.ports.map((p: any) => p.port)).sort();
   assert.deepEqual(policyPorts, [listenerPort, adminPort].sort());
   const annotations = deployment.spec.template.metadata.annotations;
