@@ -63,12 +63,12 @@ export class TokenEndpointError extends TokenFetchError {
 
   constructor(
     status: number,
-    details: { error?: string; errorDescription?: string; retryAfterSeconds?: number; bodySnippet?: string },
+    details: { error?: string; errorDescription?: string; retryAfterSeconds?: number; bodyShape?: string },
   ) {
-    // bodySnippet: a short, sanitized start of a body that is not an OAuth2 error (e.g. an HTML
-    // page from a proxy), so the log says what answered. Only ever from a non-2xx answer.
+    // bodyShape: the type and size of a body that is not an OAuth2 error (e.g. an HTML page from
+    // a proxy), so the log says what answered; never its text (it may echo our request).
     const what = details.error === undefined
-      ? details.bodySnippet === undefined ? 'no OAuth2 error body' : `no OAuth2 error body; ${details.bodySnippet}`
+      ? details.bodyShape === undefined ? 'no OAuth2 error body' : `no OAuth2 error body; ${details.bodyShape}`
       : details.errorDescription === undefined
         ? `error=${details.error}`
         : `error=${details.error}: ${details.errorDescription}`;

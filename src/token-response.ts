@@ -8,7 +8,6 @@ import type { Token } from './token.ts';
 export const MAX_BODY_BYTES = 1024 * 1024;
 const MAX_OAUTH_ERROR_CHARS = 100;
 const MAX_OAUTH_DESCRIPTION_CHARS = 500;
-const SNIPPET_CHARS = 100;
 
 // RFC 7230 tchar: a token type goes into a header value as `<type> <token>`.
 const HEADER_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
@@ -20,6 +19,8 @@ const NUMERIC = /^\s*\d+(\.\d+)?\s*$/;
 
 export interface Body {
   text: string;
+  /** Bytes read (up to the cap). */
+  bytes: number;
   truncated: boolean;
 }
 
@@ -30,17 +31,25 @@ export async function readCapped(stream: AsyncIterable<Buffer>, limit: number): 
     if (size + chunk.length > limit) {
       chunks.push(chunk.subarray(0, limit - size));
       // Leaving the loop early destroys the stream; the caller's finally covers the rest.
-      return { text: Buffer.concat(chunks).toString('utf8'), truncated: true };
+      return { text: Buffer.concat(chunks).toString('utf8'), bytes: limit, truncated: true };
     }
     chunks.push(chunk);
     size += chunk.length;
   }
-  return { text: Buffer.concat(chunks).toString('utf8'), truncated: false };
+  return { text: Buffer.concat(chunks).toString('utf8'), bytes: size, truncated: false };
 }
 
 export type Headers = Record<string, string | string[] | undefined>;
 
-export function endpointError(status: number, headers: Headers, body: Body, now: number, secrets: string[]): TokenEndpointError {
+/**
+ * `secrets` (here and in parseTokenResponse): every raw value the request carried that must
+ * never be repeated, as the request builder put it in: the client secret, the Basic pair
+ * `formEncode(id):formEncode(secret)` or the whole `Basic …` value, a client assertion. Only
+ * raw values: every encoding an echoing endpoint could send back is derived here (see
+ * encodings()). Nothing of the body reaches an error but the endpoint's own `error` and
+ * `error_description`, masked and truncated; any other body is described by its type and size.
+ */
+export function endpointError(status: number, headers: Headers, body: Body, now: number, secrets: readonly string[]): TokenEndpointError {
   // RFC 6585 §4 and RFC 9110 §10.2.3: Retry-After is meaningful on 429 and 503.
   const retryAfterSeconds = status === 429 || status === 503 ? parseRetryAfter(header(headers, 'retry-after'), now) : undefined;
   const json = body.truncated ? undefined : parseJson(body.text);
@@ -53,10 +62,10 @@ export function endpointError(status: number, headers: Headers, body: Body, now:
       retryAfterSeconds,
     });
   }
-  return new TokenEndpointError(status, { retryAfterSeconds, bodySnippet: snippet(headers, body, secrets) });
+  return new TokenEndpointError(status, { retryAfterSeconds, bodyShape: describeBody(headers, body, secrets) });
 }
 
-export function parseTokenResponse(status: number, headers: Headers, body: Body, now: number, secrets: string[]): Token {
+export function parseTokenResponse(status: number, headers: Headers, body: Body, now: number, secrets: readonly string[]): Token {
   // Never quote a 2xx body: it may hold a token in a shape we do not parse (e.g. form-encoded).
   const what = `HTTP ${status}, ${clean(header(headers, 'content-type') ?? 'no content-type', 60, secrets)}`;
   if (body.truncated) throw new TokenResponseError(`token response larger than ${MAX_BODY_BYTES} bytes (${what})`);
@@ -158,20 +167,116 @@ function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
-/** What a non-2xx, non-OAuth2 body looked like: its type and a short, printable start. */
-function snippet(headers: Headers, body: Body, secrets: string[]): string {
+/** What answered with a body that is not an OAuth2 error: its type and size, never its text. */
+function describeBody(headers: Headers, body: Body, secrets: readonly string[]): string {
   const type = clean(header(headers, 'content-type') ?? 'no content-type', 60, secrets);
-  const start = clean(body.text, SNIPPET_CHARS, secrets);
-  return start === '' ? `${type}, empty body` : `${type}: ${start}`;
+  if (body.truncated) return `${type}, more than ${MAX_BODY_BYTES} bytes`;
+  return body.bytes === 0 ? `${type}, empty body` : `${type}, ${body.bytes} bytes`;
 }
 
 /**
- * Text from the endpoint made fit for a message: control characters gone, whitespace folded,
- * length capped, and our own secret masked should a misbehaving endpoint echo the request.
+ * Text from the endpoint made fit for a message: every encoding of our secrets masked (an
+ * endpoint may echo the request), control characters gone, whitespace folded, length capped.
  */
-function clean(text: string, max: number, secrets: string[]): string {
-  let s = text;
-  for (const secret of secrets) if (secret !== '') s = s.split(secret).join('[redacted]');
+function clean(text: string, max: number, secrets: readonly string[]): string {
+  let s = mask(text, secrets);
   s = s.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]+/g, ' ').replace(/\s+/g, ' ').trim();
   return s.length > max ? `${s.slice(0, max)}…` : s;
+}
+
+const REDACTED = '[redacted]';
+
+/**
+ * Replaces every occurrence of every encoding of the secrets with [redacted]. Matches are found
+ * for each encoding on its own and merged, so that two overlapping encodings leave no tail of
+ * either; case is ignored (an endpoint may re-encode `%2B` as `%2b`; masking a little more than
+ * needed costs nothing).
+ */
+export function mask(text: string, secrets: readonly string[]): string {
+  if (text === '' || secrets.length === 0) return text;
+  const ranges: Array<[number, number]> = [];
+  for (const needle of encodings(secrets)) {
+    const re = new RegExp(needle.replace(/[\\^$.*+?()[\]{}|/]/g, '\\$&'), 'giu');
+    for (const m of text.matchAll(re)) ranges.push([m.index, m.index + m[0].length]);
+  }
+  if (ranges.length === 0) return text;
+  ranges.sort((a, b) => a[0] - b[0]);
+  let out = '';
+  let at = 0;
+  let end = -1;
+  for (const [from, to] of ranges) {
+    if (from > end) {
+      if (end >= 0) out += REDACTED;
+      out += text.slice(at, from);
+      end = to;
+    } else {
+      end = Math.max(end, to);
+    }
+    at = end;
+  }
+  return `${out}${REDACTED}${text.slice(at)}`;
+}
+
+/**
+ * Every form in which a secret we sent can come back. The caller lists the raw values it put
+ * into the request (see endpointError); the encodings are derived here, so that a new way to
+ * send a credential needs no new masking code: the value as sent, form-encoded (space as `+` and
+ * as `%20`), percent-encoded (encodeURIComponent and RFC 3986's stricter set, and once more on
+ * top of the form encoding), base64 and base64url (padded or not), each also JSON-escaped (as
+ * JSON.stringify writes it, and ASCII-only with `\/` as Python's json.dumps and PHP write it)
+ * and HTML-escaped. An Authorization value (`Basic …`, `Bearer …`) also counts without its
+ * scheme, and a Basic value's decoded `id:secret` pair and the secret inside it count too.
+ */
+function encodings(secrets: readonly string[]): string[] {
+  const bases = new Set<string>();
+  for (const secret of secrets) {
+    if (secret === '') continue;
+    bases.add(secret);
+    const credentials = /^(?:basic|bearer) +([\x21-\x7e]+)$/i.exec(secret);
+    if (credentials === null) continue;
+    bases.add(credentials[1]!);
+    if (!/^basic /i.test(secret)) continue;
+    const pair = Buffer.from(credentials[1]!, 'base64').toString('utf8');
+    const colon = pair.indexOf(':');
+    if (colon < 0) continue;
+    bases.add(pair);
+    try {
+      // RFC 6749 §2.3.1: the secret inside is form-encoded. The id before the colon is no secret.
+      bases.add(decodeURIComponent(pair.slice(colon + 1).replace(/\+/g, ' ')));
+    } catch {
+      // Not form-encoded after all: the pair itself is masked.
+    }
+  }
+  const out = new Set<string>();
+  for (const base of bases) {
+    const form = formEncode(base);
+    const utf8 = Buffer.from(base, 'utf8');
+    const plain = [
+      base,
+      form,
+      form.replace(/\+/g, '%20'),
+      encodeURIComponent(base),
+      encodeURIComponent(base).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`),
+      encodeURIComponent(form),
+      utf8.toString('base64'),
+      utf8.toString('base64').replace(/=+$/, ''),
+      utf8.toString('base64url'),
+    ];
+    for (const p of plain) {
+      out.add(p);
+      const json = JSON.stringify(p).slice(1, -1);
+      out.add(json);
+      out.add(json.replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).replace(/\//g, '\\/'));
+      out.add(p.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`));
+      out.add(p.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;'));
+    }
+  }
+  out.delete('');
+  // Longest first only for readability of a debugger's view; the merge above makes order moot.
+  return [...out].sort((a, b) => b.length - a.length);
+}
+
+/** application/x-www-form-urlencoded encoding of one value (WHATWG URL), as the request sends it. */
+function formEncode(value: string): string {
+  return new URLSearchParams([['', value]]).toString().slice(1);
 }

@@ -261,7 +261,7 @@ describe('an error status', () => {
     assert.equal(err.message, 'token endpoint answered HTTP 401 (no OAuth2 error body; no content-type, empty body)');
   });
 
-  test('500 with an HTML page: a short, printable start of it, never the whole', async () => {
+  test('500 with an HTML page: its type and size, never its text', async () => {
     const page = `<html>\r\n<head><title>500 Internal Server Error</title></head>\n<body>${'x'.repeat(5000)}</body></html>`;
     server.override(answer(500, page, { 'content-type': 'text/html; charset=utf-8' }));
     const err = await fetchError(source(profile(server.clients.post)), TokenEndpointError);
@@ -269,7 +269,7 @@ describe('an error status', () => {
     assert.equal(err.oauthError, undefined);
     assert.equal(
       err.message,
-      `token endpoint answered HTTP 500 (no OAuth2 error body; text/html; charset=utf-8: <html> <head><title>500 Internal Server Error</title></head> <body>${'x'.repeat(33)}…)`,
+      `token endpoint answered HTTP 500 (no OAuth2 error body; text/html; charset=utf-8, ${Buffer.byteLength(page)} bytes)`,
     );
   });
 
@@ -281,7 +281,7 @@ describe('an error status', () => {
     );
     const s = source(profile(client));
     const first = await fetchError(s, TokenEndpointError);
-    assert.equal(first.message, 'token endpoint answered HTTP 502 (no OAuth2 error body; text/plain: bad gateway for client_secret=[redacted])');
+    assert.equal(first.message, 'token endpoint answered HTTP 502 (no OAuth2 error body; text/plain, 46 bytes)');
     const second = await fetchError(s, TokenEndpointError);
     assert.equal(second.oauthErrorDescription, 'unexpected secret [redacted]');
   });
@@ -291,7 +291,7 @@ describe('an error status', () => {
     const err = await fetchError(source(profile(server.clients.post)), TokenEndpointError);
     assert.equal(err.status, 503);
     assert.equal(err.retryAfterSeconds, 120);
-    assert.equal(err.message, 'token endpoint answered HTTP 503 (no OAuth2 error body; text/plain: busy)');
+    assert.equal(err.message, 'token endpoint answered HTTP 503 (no OAuth2 error body; text/plain, 4 bytes)');
   });
 
   test('503 with Retry-After as an HTTP-date, read against the clock', async () => {

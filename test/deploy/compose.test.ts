@@ -94,7 +94,11 @@ test('the sidecar: built from the Dockerfile, its health check on its admin port
   assert.deepEqual(sidecar.build, { context: '.', dockerfile: 'Dockerfile' });
   assert.deepEqual(sidecar.command, ['--config', '/etc/oauth2-extproc/config.yaml']);
   const adminPort = sidecarConfig.server.admin.split(':').at(-1);
-  assert.ok(sidecar.healthcheck.test.join(' ').includes(`http://127.0.0.1:${adminPort}/readyz`));
+  // The image's HEALTHCHECK, on the admin port of this config (only its timing is set here).
+  assert.equal(sidecar.healthcheck.test, undefined);
+  const healthcheck = readFileSync(join(REPO, 'Dockerfile'), 'utf8').split('\n').filter((l) => /^\s*(HEALTHCHECK|CMD \["node")/.test(l)).join(' ');
+  assert.match(healthcheck, new RegExp(`127\\.0\\.0\\.1:\\$\\{process\\.env\\.ADMIN_PORT \\|\\| ${adminPort}\\}/readyz`));
+  assert.equal(sidecar.environment?.ADMIN_PORT, undefined);
   assert.deepEqual(sidecar.ports, [`127.0.0.1:${adminPort}:${adminPort}`]);
   for (const name of ['envoy', 'oauth2-extproc']) {
     assert.equal(services[name].read_only, true, name);
