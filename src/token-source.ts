@@ -36,7 +36,7 @@ export class TokenSource {
   async fetch(): Promise<Token> {
     const profile = this.#profile;
     const { clientId, clientSecret } = readCredentials(profile);
-    const secrets = [clientSecret, formEncode(clientSecret)];
+    const secrets = [clientSecret, `${formEncode(clientId)}:${formEncode(clientSecret)}`]; // raw values; token-response derives every encoding
 
     const form = new URLSearchParams({ grant_type: 'client_credentials' });
     if (profile.scope !== undefined) form.set('scope', profile.scope);
