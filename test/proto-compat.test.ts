@@ -7,6 +7,8 @@ import { deny, continueWithoutToken, emptyReply, injectToken } from '../src/head
 import { encodeResponse, findPath, LOADER_OPTIONS, peekRequest, PROCESS_PATH, PROTO_DIR, PROTO_FILE, REQUEST_KIND_NAMES, decodeRequest } from '../src/protocol.ts';
 import { parseConfig } from '../src/config.ts';
 import { requestHeaders, TYPICAL_HEADERS, upstreamMethod } from './helpers/extproc-client.ts';
+import { loadService, messageType, packAny } from '../src/protocols/wire.ts';
+import { decodeSecret, upstreamSecretType, upstreamService } from './helpers/xds-client.ts';
 
 const ours = (loadSync(PROTO_FILE, { ...LOADER_OPTIONS, includeDirs: [PROTO_DIR] })['envoy.service.ext_proc.v3.ExternalProcessor'] as any).Process;
 const upstream = upstreamMethod();
@@ -141,4 +143,127 @@ test('findPath reads :path from upstream-encoded request_headers, raw_value or v
   // Cut short inside the value: undefined, never a read past the end.
   const bytes = upstream.requestSerialize(requestHeaders([[':path', '/orders/42?subscription-key=k']]));
   assert.equal(findPath(bytes.subarray(0, bytes.length - 3)), undefined);
+});
+
+// SDS and ext_authz: the same checks for the trimmed discovery, secret and auth protos.
+const SDS = 'envoy.service.secret.v3.SecretDiscoveryService';
+const AUTHZ = 'envoy.service.auth.v3.Authorization';
+const oursSds = loadService('envoy/service/secret/v3/sds.proto', SDS) as Record<string, any>;
+const upstreamSds = upstreamService('envoy/service/secret/v3/sds.proto', SDS);
+const oursAuthz = loadService('envoy/service/auth/v3/external_auth.proto', AUTHZ) as Record<string, any>;
+const upstreamAuthz = upstreamService('envoy/service/auth/v3/external_auth.proto', AUTHZ);
+const ourSecret = messageType('envoy/extensions/transport_sockets/tls/v3/secret.proto', 'envoy.extensions.transport_sockets.tls.v3.Secret');
+
+test('the SDS and ext_authz method paths and stream kinds are the ones Envoy calls', () => {
+  for (const [ours, theirs] of [[oursSds, upstreamSds], [oursAuthz, upstreamAuthz]] as const) {
+    assert.deepEqual(Object.keys(ours).sort(), Object.keys(theirs).sort());
+    for (const name of Object.keys(theirs)) {
+      assert.equal(ours[name].path, theirs[name]!.path);
+      assert.equal(ours[name].requestStream, theirs[name]!.requestStream);
+      assert.equal(ours[name].responseStream, theirs[name]!.responseStream);
+    }
+  }
+  assert.equal(oursSds.StreamSecrets.path, '/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets');
+  assert.equal(oursAuthz.Check.path, '/envoy.service.auth.v3.Authorization/Check');
+});
+
+test('a Secret with a generic secret encodes to the bytes of the upstream definition', () => {
+  for (const secret of [
+    { name: 'default', generic_secret: { secret: { inline_bytes: Buffer.from(`Bearer ${token.accessToken}`) } } },
+    { name: 'reports', generic_secret: { secret: { inline_bytes: Buffer.alloc(0) } } },
+    { name: 'x', generic_secret: { secret: { inline_string: 'Bearer s' } } },
+  ]) {
+    const mine = packAny(ourSecret, secret);
+    assert.equal(mine.type_url, 'type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret');
+    const theirs = upstreamSecretType();
+    assert.deepEqual(mine.value, Buffer.from(theirs.encode(theirs.fromObject(secret)).finish()));
+    const decoded = decodeSecret(mine);
+    assert.equal(decoded.name, secret.name);
+  }
+});
+
+test('DiscoveryResponse and DeltaDiscoveryResponse encode as upstream encodes them', () => {
+  const any = packAny(ourSecret, { name: 'default', generic_secret: { secret: { inline_bytes: Buffer.from('Bearer t') } } });
+  const sotw = { version_info: '7', resources: [any], type_url: any.type_url, nonce: '3.2' };
+  assert.deepEqual(oursSds.StreamSecrets.responseSerialize(sotw), Buffer.from(upstreamSds.StreamSecrets!.responseSerialize(sotw)));
+  assert.deepEqual(oursSds.FetchSecrets.responseSerialize(sotw), Buffer.from(upstreamSds.FetchSecrets!.responseSerialize(sotw)));
+  const delta = { system_version_info: '7', resources: [{ name: 'default', version: '2', resource: any }], type_url: any.type_url, nonce: '1.1' };
+  assert.deepEqual(oursSds.DeltaSecrets.responseSerialize(delta), Buffer.from(upstreamSds.DeltaSecrets!.responseSerialize(delta)));
+  const decoded = upstreamSds.StreamSecrets!.responseDeserialize(oursSds.StreamSecrets.responseSerialize(sotw));
+  assert.equal(decodeSecret(decoded.resources[0]).value, 'Bearer t');
+});
+
+test('Envoy-encoded discovery requests (node, locators, NACK detail) read correctly', () => {
+  const request = {
+    version_info: '6',
+    node: { id: 'envoy-1', cluster: 'edge', user_agent_name: 'envoy' },
+    resource_names: ['default', 'reports'],
+    resource_locators: [{ name: 'default' }],
+    type_url: 'type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret',
+    response_nonce: '3.2',
+    error_detail: { code: 3, message: 'bad', details: [{ type_url: 'type.googleapis.com/google.protobuf.Empty', value: Buffer.alloc(0) }] },
+  };
+  const bytes = Buffer.from(upstreamSds.StreamSecrets!.requestSerialize(request));
+  assert.deepEqual(oursSds.StreamSecrets.requestDeserialize(bytes), {
+    version_info: '6', resource_names: ['default', 'reports'], type_url: request.type_url, response_nonce: '3.2', error_detail: { code: 3, message: 'bad' },
+  });
+  const delta = {
+    node: { id: 'envoy-1' },
+    type_url: request.type_url,
+    resource_names_subscribe: ['default'],
+    resource_names_unsubscribe: ['old'],
+    initial_resource_versions: { default: '4' },
+    response_nonce: '1.1',
+    error_detail: { code: 13, message: 'x' },
+  };
+  const { node: _node, ...rest } = delta;
+  assert.deepEqual(oursSds.DeltaSecrets.requestDeserialize(Buffer.from(upstreamSds.DeltaSecrets!.requestSerialize(delta))), rest);
+});
+
+test('ext_authz: Envoy-encoded CheckRequests give the headers, path and context extensions', () => {
+  const request = {
+    attributes: {
+      source: { address: { socket_address: { address: '10.0.0.1', port_value: 5000 } } },
+      request: {
+        time: { seconds: '1', nanos: 0 },
+        http: { id: '1', method: 'GET', headers: { ':path': '/a?subscription-key=k', 'ocp-apim-subscription-key': 'k' }, path: '/a?subscription-key=k', host: 'h', protocol: 'HTTP/1.1' },
+      },
+      context_extensions: { 'x-oauth2-profile': 'reports' },
+      metadata_context: { filter_metadata: { a: { fields: { b: { stringValue: 'c' } } } } },
+    },
+  };
+  const decoded = oursAuthz.Check.requestDeserialize(Buffer.from(upstreamAuthz.Check!.requestSerialize(request)));
+  assert.deepEqual(decoded, {
+    attributes: {
+      request: { http: { headers: request.attributes.request.http.headers, path: request.attributes.request.http.path } },
+      context_extensions: { 'x-oauth2-profile': 'reports' },
+    },
+  });
+  const raw = { attributes: { request: { http: { header_map: { headers: [{ key: 'a', raw_value: Buffer.from('b') }] } } } } };
+  assert.deepEqual(oursAuthz.Check.requestDeserialize(Buffer.from(upstreamAuthz.Check!.requestSerialize(raw))), raw);
+});
+
+test('ext_authz: OK and denied CheckResponses encode as upstream encodes them', () => {
+  const ok = {
+    status: { code: 0 },
+    ok_response: {
+      headers: [{ header: { key: 'authorization', value: 'Bearer t' }, append: { value: false }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' }],
+      headers_to_remove: ['ocp-apim-subscription-key'],
+      query_parameters_to_remove: ['subscription-key', 'Subscription-Key'],
+    },
+  };
+  const denied = {
+    status: { code: 7, message: 'no token' },
+    denied_response: {
+      status: { code: 'ServiceUnavailable' },
+      headers: [{ header: { key: 'content-type', value: 'application/json' }, append: { value: false } }],
+      body: '{"error":"OAUTH2_ERR_NO_TOKEN"}',
+    },
+  };
+  for (const reply of [ok, denied]) {
+    const mine = oursAuthz.Check.responseSerialize(reply);
+    assert.deepEqual(mine, Buffer.from(upstreamAuthz.Check!.responseSerialize(reply)));
+    const back = upstreamAuthz.Check!.responseDeserialize(mine);
+    assert.equal(back.http_response, Object.keys(reply)[1]);
+  }
 });

@@ -1,0 +1,33 @@
+// Loading the trimmed protos in proto/ for the adapters that use grpc-js's own codec (SDS and
+// ext_authz answer one message per token change or per check, so proto-loader's serializers are
+// fast enough), plus protobufjs types for messages packed into a google.protobuf.Any.
+import { join } from 'node:path';
+import type { ServiceDefinition } from '@grpc/grpc-js';
+import { loadSync } from '@grpc/proto-loader';
+import protobuf from 'protobufjs';
+import { LOADER_OPTIONS, PROTO_DIR } from '../protocol.ts';
+
+export function loadService(file: string, service: string): ServiceDefinition {
+  const definition = loadSync(file, { ...LOADER_OPTIONS, includeDirs: [PROTO_DIR] });
+  return definition[service] as ServiceDefinition;
+}
+
+const root = new protobuf.Root();
+// Imports are relative to proto/ (google/protobuf/* comes bundled with protobufjs).
+root.resolvePath = (_origin, target) => join(PROTO_DIR, target);
+
+/** A message type from proto/, e.g. `envoy.extensions.transport_sockets.tls.v3.Secret`. */
+export function messageType(file: string, name: string): protobuf.Type {
+  if (!root.files.includes(join(PROTO_DIR, file))) root.loadSync(file, { keepCase: true });
+  return root.lookupType(name);
+}
+
+/** google.protobuf.Any as proto-loader reads and writes it. */
+export interface AnyMessage {
+  type_url: string;
+  value: Buffer;
+}
+
+export function packAny(type: protobuf.Type, message: object): AnyMessage {
+  return { type_url: `type.googleapis.com/${type.fullName.slice(1)}`, value: Buffer.from(type.encode(type.fromObject(message)).finish()) };
+}
