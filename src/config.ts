@@ -41,6 +41,8 @@ export interface ProfileConfig {
   /** Extra form parameters sent with every token request. */
   readonly extraParams: Readonly<Record<string, string>>;
   readonly timeoutMs: number;
+  /** Largest `<token_type> <access_token>` header value accepted from the endpoint, in bytes. */
+  readonly maxTokenBytes: number;
   /** Lower-case name of the header that receives `<token_type> <access_token>`. */
   readonly header: string;
   /** Lower-case names removed from every request: the subscription key plus the configured extras. */
@@ -78,6 +80,7 @@ export const SUBSCRIPTION_KEY_QUERY = 'subscription-key';
 /** The statuses the deny answer may carry (proto/envoy/type/v3/http_status.proto lists the same). */
 export const FAILURE_STATUSES = [401, 403, 429, 500, 502, 503, 504] as const;
 
+const MAX_WORKERS = 64;
 const LOG_LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
 const RESERVED_FORM_PARAMS = new Set(['grant_type', 'client_id', 'client_secret', 'client_assertion', 'client_assertion_type', 'scope', 'resource', 'audience']);
 
@@ -120,9 +123,7 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
     grpc: grpc ?? '',
     admin: admin ?? '',
     shutdownGraceSeconds: v.number(server?.shutdownGraceSeconds, 'server.shutdownGraceSeconds', { default: 10, min: 0, max: 3600 }),
-    workers: server?.workers === 'auto'
-      ? availableParallelism()
-      : v.number(server?.workers, 'server.workers', { default: 1, min: 1, max: 64, integer: true }),
+    workers: parseWorkers(v, server?.workers),
     streamIdleSeconds: v.number(server?.streamIdleSeconds, 'server.streamIdleSeconds', { default: 60, min: 1, max: 86_400 }),
   };
 
@@ -154,11 +155,22 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
   return deepFreeze({ server: serverConfig, logging: { level: level as LogLevel }, profiles });
 }
 
+/** `server.workers`: a whole number from 1 to 64, or `auto` (one per core, at most 64), `${VAR}` allowed. */
+function parseWorkers(v: Validator, raw: unknown): number {
+  const expanded = typeof raw === 'string' ? v.string(raw, 'server.workers') : raw;
+  if (typeof expanded === 'string' && expanded.trim().toLowerCase() === 'auto') return Math.min(availableParallelism(), MAX_WORKERS);
+  if (typeof expanded === 'string' && expanded.trim() !== '' && !Number.isFinite(Number(expanded))) {
+    v.problem('server.workers', `must be a whole number from 1 to ${MAX_WORKERS}, or auto`);
+    return 1;
+  }
+  return v.number(expanded, 'server.workers', { default: 1, min: 1, max: MAX_WORKERS, integer: true });
+}
+
 function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig | undefined {
   const at = `profiles.${name}`;
   const p = v.object(raw, at, [
     'tokenUrl', 'clientId', 'clientSecret', 'clientAuth', 'scope', 'resource', 'audience', 'extraParams',
-    'timeoutSeconds', 'header', 'subscriptionKeyHeader', 'removeHeaders', 'removeQueryParameters', 'onFailure', 'failureStatus', 'refresh',
+    'timeoutSeconds', 'maxTokenBytes', 'header', 'subscriptionKeyHeader', 'removeHeaders', 'removeQueryParameters', 'onFailure', 'failureStatus', 'refresh',
   ], true);
   if (p === undefined) return undefined;
 
@@ -245,6 +257,9 @@ function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig |
     audience,
     extraParams,
     timeoutMs: Math.round(v.number(p.timeoutSeconds, `${at}.timeoutSeconds`, { default: 20, min: 0.1, max: 300 }) * 1000),
+    // Envoy 1.40 with the shipped config first refused a 61.3 KB value (max_request_headers_kb 60,
+    // the caller's headers included): 16 KiB leaves the caller 44 KiB and is ext_proc's HeaderValue cap.
+    maxTokenBytes: v.number(p.maxTokenBytes, `${at}.maxTokenBytes`, { default: 16_384, min: 256, max: 1_048_576, integer: true }),
     header: header ?? 'authorization',
     removeHeaders: [...removeHeaders],
     removeQueryParameters,

@@ -6,6 +6,7 @@ import { TokenEndpointError, TokenFetchError, TokenResponseError, describeError 
 import type { Logger } from './logger.ts';
 import type { Metrics } from './metrics.ts';
 import type { Token } from './token.ts';
+import { MAX_LIFETIME_SECONDS } from './token-response.ts';
 
 /** An endpoint's Retry-After is honoured up to this; beyond it, it is more likely a mistake. */
 const MAX_RETRY_AFTER_SECONDS = 3600;
@@ -49,6 +50,8 @@ export class TokenCache {
   #retryNotBefore = 0;
   #started = false;
   #stopped = false;
+  /** A fetch has ended (with a token or not) since start(). */
+  #tried = false;
   #lastError: TokenFetchError | undefined;
 
   constructor(options: TokenCacheOptions) {
@@ -58,6 +61,11 @@ export class TokenCache {
     this.#metrics = options.metrics;
     this.#clock = options.clock ?? systemClock;
     this.#random = options.random ?? Math.random;
+  }
+
+  /** Whether the first fetch has ended, with a token or an error: fail-open readiness waits for it. */
+  get tried(): boolean {
+    return this.#tried;
   }
 
   /** The error of the last fetch, until a fetch succeeds. */
@@ -135,12 +143,22 @@ export class TokenCache {
       token = await fetchFrom(this.#source);
     } catch (err) {
       this.#inFlight = undefined;
-      if (!this.#stopped) this.#failed(asFetchError(err), started);
+      if (!this.#stopped) {
+        this.#tried = true;
+        this.#failed(asFetchError(err), started);
+      }
       return this.current();
     }
     // Cleared before listeners run, so one that calls refresh() starts a new fetch.
     this.#inFlight = undefined;
     if (this.#stopped) return this.current();
+    this.#tried = true;
+    const checked = sane(token, this.#profile.maxTokenBytes);
+    if (checked instanceof TokenResponseError) {
+      this.#failed(checked, started);
+      return this.current();
+    }
+    token = checked;
     const usableUntil = usableEnd(token, this.#profile.refresh);
     if (usableUntil <= this.#clock.now()) {
       const lifetime = (token.expiresAt - token.obtainedAt) / 1000;
@@ -165,17 +183,22 @@ export class TokenCache {
     this.#cancel(this.#expiryTimer);
     this.#expiryTimer = this.#at(usableUntil, () => this.#expired(token));
 
-    this.#metrics.tokenFetches.inc({ profile: name, result: 'success', code: '' });
-    this.#metrics.tokenFetchSeconds.observe({ profile: name }, (now - started) / 1000);
-    this.#logger.info({
-      profile: name,
-      outcome: 'success',
-      durationMs: now - started,
-      expiresInSeconds: seconds(token.expiresAt - token.obtainedAt),
-      expiresAt: new Date(token.expiresAt).toISOString(),
-      refreshInSeconds: seconds(refreshAt - now),
-    }, 'token fetched');
-    this.#notify(token);
+    // Whatever happens while counting and logging, every listener (readiness, gRPC health, the
+    // workers) hears of the token the cache now hands out: they must never disagree.
+    try {
+      this.#metrics.tokenFetches.inc({ profile: name, result: 'success', code: '' });
+      this.#metrics.tokenFetchSeconds.observe({ profile: name }, (now - started) / 1000);
+      this.#logger.info({
+        profile: name,
+        outcome: 'success',
+        durationMs: now - started,
+        expiresInSeconds: seconds(token.expiresAt - token.obtainedAt),
+        expiresAt: new Date(token.expiresAt).toISOString(),
+        refreshInSeconds: seconds(refreshAt - now),
+      }, 'token fetched');
+    } finally {
+      this.#notify(token);
+    }
   }
 
   #failed(err: TokenFetchError, started: number): void {
@@ -311,6 +334,29 @@ function asFetchError(err: unknown): TokenFetchError {
   // Not ours, so its message is not known to be free of secrets: name the kind only.
   const kind = err instanceof Error ? err.name : typeof err;
   return new TokenFetchError('OAUTH2_ERR_UNEXPECTED', `the token source failed unexpectedly (${kind})`, { cause: err });
+}
+
+/**
+ * What any token source hands over is checked before it is used: a finite expiry (capped at
+ * MAX_LIFETIME_SECONDS, so no date arithmetic can overflow), and a header value
+ * `<token_type> <access_token>` no larger than maxTokenBytes (Envoy refuses the whole request
+ * when the mutated headers pass its max_request_headers_kb, so such a token would fail every
+ * request while readiness said ready).
+ */
+function sane(token: Token, maxTokenBytes: number): Token | TokenResponseError {
+  const { obtainedAt, expiresAt } = token;
+  if (!Number.isFinite(obtainedAt) || !Number.isFinite(expiresAt) || expiresAt <= obtainedAt) {
+    return new TokenResponseError('the token has no valid lifetime');
+  }
+  const bytes = Buffer.byteLength(token.tokenType) + 1 + Buffer.byteLength(token.accessToken);
+  if (bytes > maxTokenBytes) {
+    return new TokenResponseError(`the token is ${bytes} bytes as a header value, more than maxTokenBytes (${maxTokenBytes}): Envoy would refuse requests carrying it`);
+  }
+  const capped = Math.min(expiresAt, obtainedAt + MAX_LIFETIME_SECONDS * 1000);
+  // A refresh_in past the token's own end says nothing: the share of the lifetime decides then.
+  const refresh = token.refreshInSeconds;
+  const refreshOk = refresh !== undefined && Number.isFinite(refresh) && refresh > 0 && obtainedAt + refresh * 1000 < capped;
+  return { ...token, expiresAt: capped, refreshInSeconds: refreshOk ? refresh : undefined };
 }
 
 /** Milliseconds to seconds, to the millisecond. */

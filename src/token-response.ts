@@ -16,6 +16,13 @@ const HEADER_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 // Envoy (and any HTTP/1 hop) would reject or split on.
 const ACCESS_TOKEN = /^[\x21-\x7e]+$/;
 const NUMERIC = /^\s*\d+(\.\d+)?\s*$/;
+/**
+ * The longest lifetime believed. Longer claims (1e13 s, or the "never expires" of some IdPs) are
+ * read as a year: refusing them would make a usable token an outage, and a year is longer than
+ * any client-credentials token the usual IdPs issue (Entra at most a day, Auth0 30 days), while
+ * every moment derived from it stays far inside what Date and the timers handle.
+ */
+export const MAX_LIFETIME_SECONDS = 365 * 24 * 3600;
 
 export interface Body {
   text: string;
@@ -111,14 +118,17 @@ export function parseTokenResponse(status: number, headers: Headers, body: Body,
     if (n === undefined) throw new TokenResponseError('expires_in is not a positive number of seconds');
     lifetimeSeconds = n;
   }
+  lifetimeSeconds = Math.min(lifetimeSeconds, MAX_LIFETIME_SECONDS);
+  // Entra sends refresh_in; a bad one (or one past the token's own end) is ignored rather than
+  // failing a usable token.
+  const refreshInSeconds = positiveSeconds(json.refresh_in);
 
   return {
     accessToken,
     tokenType,
     obtainedAt: now,
     expiresAt: now + Math.round(lifetimeSeconds * 1000),
-    // Entra sends refresh_in; a bad one is ignored rather than failing a usable token.
-    refreshInSeconds: positiveSeconds(json.refresh_in),
+    refreshInSeconds: refreshInSeconds !== undefined && refreshInSeconds < lifetimeSeconds ? refreshInSeconds : undefined,
   };
 }
 

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { describeConfig, loadConfig, parseConfig } from '../src/config.ts';
@@ -52,6 +52,7 @@ test('the DESIGN.md example works as written, with every default filled in', () 
       audience: undefined,
       extraParams: {},
       timeoutMs: 20_000,
+      maxTokenBytes: 16_384,
       header: 'authorization',
       removeHeaders: ['ocp-apim-subscription-key'],
       removeQueryParameters: ['subscription-key'],
@@ -179,4 +180,26 @@ test('loadConfig names an unreadable file; describeConfig never prints the secre
   assert.ok(!summary.includes('s3cr3t'), summary);
   assert.match(summary, /clientSecret: \(set, 16 characters\)/);
   assert.match(summary, /remove: ocp-apim-subscription-key/);
+});
+
+test('server.workers: a whole number from 1 to 64, or auto (one per core, capped the same way), also from ${VAR}', () => {
+  const workers = (value: string, env: NodeJS.ProcessEnv = {}) => parseConfig(`server: { workers: ${value} }\nprofiles: { default: { tokenUrl: 'https://idp.test/t', clientId: a, clientSecret: b } }`, { env }).server.workers;
+  assert.equal(workers('auto'), Math.min(availableParallelism(), 64));
+  assert.equal(workers('"${W}"', { W: 'auto' }), Math.min(availableParallelism(), 64));
+  assert.equal(workers('"${W}"', { W: '3' }), 3);
+  assert.equal(workers('2'), 2);
+  const bad = (value: string, env: NodeJS.ProcessEnv = {}) => problems(`server: { workers: ${value} }\nprofiles: { default: { tokenUrl: 'https://idp.test/t', clientId: a, clientSecret: b } }`, env);
+  assert.deepEqual(bad('0'), ['server.workers: must be at least 1']);
+  assert.deepEqual(bad('65'), ['server.workers: must be at most 64']);
+  assert.deepEqual(bad('1.5'), ['server.workers: must be a whole number']);
+  assert.deepEqual(bad('many'), ['server.workers: must be a whole number from 1 to 64, or auto']);
+  assert.deepEqual(bad('"${W}"', { W: 'all' }), ['server.workers: must be a whole number from 1 to 64, or auto']);
+  assert.deepEqual(bad('"${NOPE}"'), ['server.workers: environment variable NOPE is not set']);
+});
+
+test('maxTokenBytes is a whole number of bytes from 256 to 1 MiB', () => {
+  const p = (value: string) => `profiles: { default: { tokenUrl: 'https://idp.test/t', clientId: a, clientSecret: b, maxTokenBytes: ${value} } }`;
+  assert.equal(parseConfig(p('65536'), { env: {} }).profiles.default!.maxTokenBytes, 65_536);
+  assert.deepEqual(problems(p('100')), ['profiles.default.maxTokenBytes: must be at least 256']);
+  assert.deepEqual(problems(p('big')), ['profiles.default.maxTokenBytes: must be a number']);
 });

@@ -29,6 +29,7 @@ function profile(refresh: Partial<RefreshConfig> = {}, overrides: Partial<Profil
     audience: undefined,
     extraParams: {},
     timeoutMs: 20_000,
+    maxTokenBytes: 16_384,
     header: 'authorization',
     removeHeaders: ['ocp-apim-subscription-key'],
     removeQueryParameters: ['subscription-key'],
@@ -534,4 +535,46 @@ test('wired to the real TokenSource and oidc-provider', async (t) => {
   for (const line of logs) {
     assert.ok(!line.includes(client.clientSecret) && !line.includes(first.accessToken) && !line.includes(second.accessToken));
   }
+});
+
+test('an absurd lifetime from any source is read as a year: no date arithmetic throws, every listener hears of it', async (t) => {
+  const h = setup(t);
+  // 1e13 s: expiresAt would be past Date's range, where toISOString throws a RangeError.
+  h.source.then({ lifetime: 1e13, refreshIn: 1e300 });
+  h.cache.start();
+  await settle();
+  assert.equal(h.cache.current()?.accessToken, h.source.issued[0]);
+  assert.deepEqual(h.events, [{ at: 0, token: h.source.issued[0] }]);
+  const year = 365 * 24 * 3600;
+  assert.deepEqual(h.logs, [successLog({ expiresInSeconds: year, expiresAt: '2031-01-01T12:00:00.000Z', refreshInSeconds: year / 2 })]);
+  assert.equal(h.cache.usableUntil, h.at((year - 30) * S));
+});
+
+test('a token with no finite lifetime, or one too large for a header, is a coded failure and the held token stays', async (t) => {
+  const clock = new FakeClock();
+  const tokens: Token[] = [
+    { accessToken: 'good-token', tokenType: 'Bearer', obtainedAt: clock.now(), expiresAt: clock.now() + 3600 * S, refreshInSeconds: undefined },
+    { accessToken: 'nan-token', tokenType: 'Bearer', obtainedAt: clock.now(), expiresAt: Number.NaN, refreshInSeconds: undefined },
+    { accessToken: 'x'.repeat(16_384 - 'Bearer '.length), tokenType: 'Bearer', obtainedAt: clock.now(), expiresAt: clock.now() + 3600 * S, refreshInSeconds: undefined },
+    { accessToken: 'x'.repeat(16_384 - 'Bearer '.length + 1), tokenType: 'Bearer', obtainedAt: clock.now(), expiresAt: clock.now() + 3600 * S, refreshInSeconds: undefined },
+  ];
+  const source = { fetch: async () => tokens.shift()! };
+  const h = setup(t, { source });
+  assert.equal(h.cache.tried, false);
+  h.cache.start();
+  await settle();
+  assert.equal(h.cache.tried, true);
+  assert.equal(h.cache.current()?.accessToken, 'good-token');
+
+  await h.cache.refresh();
+  assert.equal(h.cache.lastError?.code, 'OAUTH2_ERR_TOKEN_RESPONSE');
+  assert.equal(h.cache.lastError?.message, 'the token has no valid lifetime');
+  assert.equal(h.cache.current()?.accessToken, 'good-token');
+
+  await h.clock.advance(2 * S); // the retry after the backoff
+  assert.equal(h.cache.current()?.accessToken.length, 16_377, 'exactly maxTokenBytes is accepted');
+  const held = await h.cache.refresh();
+  assert.equal(held?.accessToken.length, 16_377);
+  assert.equal(h.cache.lastError?.message, 'the token is 16385 bytes as a header value, more than maxTokenBytes (16384): Envoy would refuse requests carrying it');
+  assert.deepEqual(await fetches(h.metrics), { 'success/': 2, 'error/OAUTH2_ERR_TOKEN_RESPONSE': 2 });
 });

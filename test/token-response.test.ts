@@ -162,13 +162,14 @@ function profile(clientAuth: ClientAuth): ProfileConfig {
     audience: undefined,
     extraParams: {},
     timeoutMs: 5000,
+    maxTokenBytes: 16_384,
     header: 'authorization',
     removeHeaders: ['ocp-apim-subscription-key'],
     removeQueryParameters: ['subscription-key'],
     onFailure: 'deny',
     failureStatus: 503,
     refresh: { share: 0.5, jitter: 0, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60 },
-  } as ProfileConfig;
+  };
 }
 
 describe('an endpoint echoing the request in its error body', () => {

@@ -46,6 +46,7 @@ function profile(client: TestClient, overrides: Partial<ProfileConfig> = {}): Pr
     audience: undefined,
     extraParams: {},
     timeoutMs: 5000,
+    maxTokenBytes: 16_384,
     header: 'authorization',
     removeHeaders: ['ocp-apim-subscription-key'],
     removeQueryParameters: ['subscription-key'],
@@ -354,6 +355,11 @@ describe('a 2xx that is not a usable token response', () => {
     ['expires_in "abc"', { body: '{"access_token":"abc","expires_in":"abc"}' }, 'expires_in is not a positive number of seconds'],
     ['expires_in ""', { body: '{"access_token":"abc","expires_in":""}' }, 'expires_in is not a positive number of seconds'],
     ['expires_in true', { body: '{"access_token":"abc","expires_in":true}' }, 'expires_in is not a positive number of seconds'],
+    ['expires_in 1e400 (Infinity once parsed)', { body: '{"access_token":"abc","expires_in":1e400}' }, 'expires_in is not a positive number of seconds'],
+    ['expires_in -1e300', { body: '{"access_token":"abc","expires_in":-1e300}' }, 'expires_in is not a positive number of seconds'],
+    ['expires_in "NaN"', { body: '{"access_token":"abc","expires_in":"NaN"}' }, 'expires_in is not a positive number of seconds'],
+    ['expires_in "Infinity"', { body: '{"access_token":"abc","expires_in":"Infinity"}' }, 'expires_in is not a positive number of seconds'],
+    ['expires_in "1e13"', { body: '{"access_token":"abc","expires_in":"1e13"}' }, 'expires_in is not a positive number of seconds'],
   ];
   for (const [name, a, message] of cases) {
     test(name, async () => {
@@ -419,6 +425,23 @@ describe('what a valid token response may look like', () => {
     server.override(answer(200, { access_token: jwt, token_type: 'Bearer' }));
     const token = await source(profile(server.clients.post), clock).fetch();
     assert.equal(token.expiresAt, clock.now() + 600_000);
+  });
+
+  test('an absurd expires_in (1e13, 1e300, 20 digits) is read as a year; a refresh_in past the end is ignored', async () => {
+    const clock = new FakeClock();
+    server.override(
+      answer(200, { access_token: 'a', expires_in: 1e13 }),
+      answer(200, { access_token: 'a', expires_in: 1e300, refresh_in: 1e300 }),
+      answer(200, { access_token: 'a', expires_in: '99999999999999999999', refresh_in: '99999999999999999999' }),
+      answer(200, { access_token: fakeJwt({ exp: 1e300 }) }),
+    );
+    const s = source(profile(server.clients.post), clock);
+    for (let i = 0; i < 4; i++) {
+      const token = await s.fetch();
+      assert.equal(token.expiresAt, clock.now() + 365 * 24 * 3600 * 1000);
+      assert.equal(token.refreshInSeconds, undefined);
+      assert.equal(new Date(token.expiresAt).toISOString(), '2031-01-01T12:00:00.000Z');
+    }
   });
 
   test('a bad refresh_in is ignored, not fatal', async () => {
