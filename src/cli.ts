@@ -96,6 +96,7 @@ export async function main(argv: readonly string[], io: Io = processIo): Promise
 
 async function run(config: Config, io: Io): Promise<void> {
   const logger = createLogger(config.logging.level);
+  for (const w of config.warnings) logger.warn({ path: w.path }, `config: ${w.message}`);
   process.on('unhandledRejection', (reason) => {
     logger.error({ error: describeError(reason) }, 'unhandled promise rejection (kept serving)');
   });
@@ -145,12 +146,17 @@ async function fetchOneToken(config: Config, profileName: string, io: Io): Promi
     return 2;
   }
   const started = Date.now();
+  let sent: Record<string, unknown> | undefined;
+  const source = new TokenSource(profile, { onCredentials: (details) => (sent = details) });
+  // A managed identity's endpoint is among what the method describes.
+  const endpoint = profile.clientAuth === 'managed_identity' ? [] : [`token endpoint: ${profile.tokenUrl}`];
   try {
-    const token = await new TokenSource(profile).fetch();
+    const token = await source.fetch();
     const lines = [
       'status: ok',
       `profile: ${profile.name}`,
-      `token endpoint: ${profile.tokenUrl}`,
+      ...endpoint,
+      ...describeSent(profile.clientAuth, sent),
       `duration: ${Date.now() - started} ms`,
       `token type: ${token.tokenType}`,
       `token length: ${token.accessToken.length} characters (not shown)`,
@@ -168,7 +174,7 @@ async function fetchOneToken(config: Config, profileName: string, io: Io): Promi
     io.out(lines.join('\n'));
     return 0;
   } catch (err) {
-    const lines = ['status: failed', `profile: ${profile.name}`, `token endpoint: ${profile.tokenUrl}`];
+    const lines = ['status: failed', `profile: ${profile.name}`, ...endpoint, ...describeSent(profile.clientAuth, sent)];
     const { code, message } = describeError(err);
     lines.push(`error: ${code}`, `message: ${message}`);
     if (err instanceof TokenEndpointError) {
@@ -179,7 +185,31 @@ async function fetchOneToken(config: Config, profileName: string, io: Io): Promi
     if (err instanceof TokenFetchError && err.retryAfterSeconds !== undefined) lines.push(`retry after: ${err.retryAfterSeconds} s`);
     io.err(lines.join('\n'));
     return 1;
+  } finally {
+    await source.close();
   }
+}
+
+/** What the method sent, as its module described it: assertion header and claims, thumbprints; never a secret or a signature. */
+function describeSent(method: string, details: Record<string, unknown> | undefined): string[] {
+  const lines = [`client authentication: ${method}`];
+  if (details === undefined) return lines;
+  const { assertion, certificate, ...rest } = details;
+  for (const [key, value] of Object.entries(rest)) lines.push(`${key}: ${typeof value === 'string' ? value : JSON.stringify(value)}`);
+  if (typeof assertion === 'object' && assertion !== null) {
+    const { header, claims } = assertion as { header?: unknown; claims?: unknown };
+    lines.push(`assertion header: ${JSON.stringify(header)}`);
+    lines.push(`assertion claims: ${JSON.stringify(claims, null, 2)}`);
+    lines.push('assertion signature: (not shown)');
+  } else if (assertion !== undefined) {
+    lines.push(`assertion: ${String(assertion)} (not shown)`);
+  }
+  if (typeof certificate === 'object' && certificate !== null) {
+    const c = certificate as Record<string, string>;
+    lines.push(`certificate: ${c.subject} (issuer ${c.issuer}, valid until ${c.notAfter})`);
+    lines.push(`certificate thumbprints: x5t#S256=${c.x5tS256} x5t=${c.x5t} (SHA-1 ${c.sha1Hex})`);
+  }
+  return lines;
 }
 
 /** Header and claims of a JWT, without verifying it; undefined for anything else. */

@@ -14,6 +14,8 @@ export class Validator {
   private readonly problems: ConfigProblem[];
   private readonly env: NodeJS.ProcessEnv;
   private readonly baseDir: string;
+  /** Valid but risky settings (plain http to a remote host, a secret written into the file). */
+  readonly warnings: ConfigProblem[] = [];
 
   constructor(problems: ConfigProblem[], env: NodeJS.ProcessEnv, baseDir: string) {
     this.problems = problems;
@@ -23,6 +25,10 @@ export class Validator {
 
   problem(path: string, message: string): void {
     this.problems.push({ path, message });
+  }
+
+  warning(path: string, message: string): void {
+    this.warnings.push({ path, message });
   }
 
   /** A mapping; keys outside `allowed` are errors (null allows any key). */

@@ -4,10 +4,16 @@ import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
 import { LineCounter, parseDocument } from 'yaml';
+import { ASSERTION_ALGORITHMS, type AssertionAlgorithm } from './client-auth/keys.ts';
+import { checkAssertionKeys, CLIENT_AUTH_KEYS, isLoopback, parseClientAuth } from './config-client-auth.ts';
 import { isPlainObject, Validator } from './config-validator.ts';
 import { ConfigError, type ConfigProblem } from './errors.ts';
 
-export type ClientAuth = 'client_secret_post' | 'client_secret_basic';
+export const CLIENT_AUTH_METHODS = [
+  'client_secret_post', 'client_secret_basic', 'private_key_jwt', 'tls_client_auth', 'workload_identity', 'managed_identity',
+] as const;
+export type ClientAuth = (typeof CLIENT_AUTH_METHODS)[number];
+export { ASSERTION_ALGORITHMS, type AssertionAlgorithm };
 export type OnFailure = 'deny' | 'allow';
 export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
 
@@ -29,12 +35,55 @@ export interface RefreshConfig {
   readonly maxBackoffSeconds: number;
 }
 
+/** The proxy for token endpoints, from HTTPS_PROXY / HTTP_PROXY / NO_PROXY (either case). */
+export interface ProxyConfig {
+  readonly httpsProxy: string | undefined;
+  readonly httpProxy: string | undefined;
+  readonly noProxy: string | undefined;
+}
+
+export interface AssertionConfig {
+  /** Undefined: RS256 for an RSA key, ES256/384/512 for an EC key. */
+  readonly algorithm: AssertionAlgorithm | undefined;
+  /** `aud`; the tokenUrl when undefined. */
+  readonly audience: string | undefined;
+  readonly lifetimeSeconds: number;
+}
+
+export interface ManagedIdentityConfig {
+  /** IMDS, or the App Service / Container Apps endpoint (IDENTITY_ENDPOINT + IDENTITY_HEADER). */
+  readonly kind: 'imds' | 'app_service';
+  /** The endpoint's token URL, without query. */
+  readonly url: string;
+  readonly identityHeader: SecretValue | undefined;
+  /** A user-assigned identity, chosen by at most one of these. */
+  readonly clientId: string | undefined;
+  readonly objectId: string | undefined;
+  readonly resourceId: string | undefined;
+}
+
 export interface ProfileConfig {
   readonly name: string;
+  /** Empty for managed_identity, which asks its own endpoint. */
   readonly tokenUrl: string;
   readonly clientId: SecretValue;
+  /** Empty unless clientAuth is client_secret_post or client_secret_basic. */
   readonly clientSecret: SecretValue;
   readonly clientAuth: ClientAuth;
+  /** PEM (private_key_jwt, tls_client_auth), read again at each fetch. */
+  readonly privateKey?: SecretValue | undefined;
+  /** PEM (private_key_jwt: optional, for x5t; tls_client_auth: the client certificate). */
+  readonly certificate?: SecretValue | undefined;
+  /** `kid` of the assertion's header (private_key_jwt). */
+  readonly keyId?: string | undefined;
+  readonly assertion?: AssertionConfig | undefined;
+  /** Absolute path of the projected token (workload_identity). */
+  readonly tokenFile?: string | undefined;
+  readonly managedIdentity?: ManagedIdentityConfig | undefined;
+  /** CAs trusted for the token endpoint in addition to the system's (PEM, read at each fetch). */
+  readonly tls?: { readonly ca: SecretValue | undefined } | undefined;
+  /** Set when the environment names a proxy. */
+  readonly proxy?: ProxyConfig | undefined;
   readonly scope: string | undefined;
   readonly resource: string | undefined;
   readonly audience: string | undefined;
@@ -72,6 +121,8 @@ export interface Config {
   readonly server: ServerConfig;
   readonly logging: { readonly level: LogLevel };
   readonly profiles: Readonly<Record<string, ProfileConfig>>;
+  /** Valid but risky settings, by path: `check-config` prints them, the sidecar logs them at start. */
+  readonly warnings: readonly ConfigProblem[];
 }
 
 export const DEFAULT_PROFILE = 'default';
@@ -111,7 +162,9 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
   }
   if (problems.length > 0) throw new ConfigError(problems);
 
-  const v = new Validator(problems, options.env ?? process.env, options.baseDir ?? process.cwd());
+  const env = options.env ?? process.env;
+  const baseDir = options.baseDir ?? process.cwd();
+  const v = new Validator(problems, env, baseDir);
   const root = v.object(doc.toJS(), '', ['server', 'logging', 'profiles']);
 
   const server = v.object(root?.server, 'server', ['grpc', 'admin', 'shutdownGraceSeconds', 'workers', 'streamIdleSeconds']);
@@ -146,13 +199,17 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
       if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) {
         problems.push({ path: `profiles.${name}`, message: 'a profile name uses letters, digits, ".", "_" and "-"' });
       }
-      const profile = parseProfile(v, name, raw);
+      const profile = parseProfile(v, name, raw, env, baseDir);
       if (profile !== undefined) profiles[name] = profile;
     }
   }
 
   if (problems.length > 0) throw new ConfigError(problems);
-  return deepFreeze({ server: serverConfig, logging: { level: level as LogLevel }, profiles });
+  if (serverConfig.grpc !== '' && !serverConfig.grpc.startsWith('unix:') && !isLoopback(serverConfig.grpc.replace(/:\d+$/, ''))) {
+    // Whoever reaches the port can have Envoy's requests answered with our tokens.
+    v.warning('server.grpc', `listens on ${serverConfig.grpc} without TLS: anyone who reaches it gets the tokens injected; bind 127.0.0.1 or a unix socket next to Envoy`);
+  }
+  return deepFreeze({ server: serverConfig, logging: { level: level as LogLevel }, profiles, warnings: v.warnings });
 }
 
 /** `server.workers`: a whole number from 1 to 64, or `auto` (one per core, at most 64), `${VAR}` allowed. */
@@ -166,21 +223,18 @@ function parseWorkers(v: Validator, raw: unknown): number {
   return v.number(expanded, 'server.workers', { default: 1, min: 1, max: MAX_WORKERS, integer: true });
 }
 
-function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig | undefined {
+function parseProfile(v: Validator, name: string, raw: unknown, env: NodeJS.ProcessEnv, baseDir: string): ProfileConfig | undefined {
   const at = `profiles.${name}`;
   const p = v.object(raw, at, [
-    'tokenUrl', 'clientId', 'clientSecret', 'clientAuth', 'scope', 'resource', 'audience', 'extraParams',
+    'clientAuth', 'scope', 'resource', ...CLIENT_AUTH_KEYS,
     'timeoutSeconds', 'maxTokenBytes', 'header', 'subscriptionKeyHeader', 'removeHeaders', 'removeQueryParameters', 'onFailure', 'failureStatus', 'refresh',
   ], true);
   if (p === undefined) return undefined;
 
-  const tokenUrl = v.string(p.tokenUrl, `${at}.tokenUrl`, { required: true });
-  if (tokenUrl !== undefined) v.url(tokenUrl, `${at}.tokenUrl`);
-  const clientId = v.secret(p.clientId, `${at}.clientId`);
-  const clientSecret = v.secret(p.clientSecret, `${at}.clientSecret`);
-  const clientAuth = v.oneOf(p.clientAuth, `${at}.clientAuth`, ['client_secret_post', 'client_secret_basic'], 'client_secret_post');
   const scope = v.string(p.scope, `${at}.scope`);
-  const resource = v.string(p.resource, `${at}.resource`);
+  // Which keys each clientAuth needs, allows or ignores: config-client-auth.ts.
+  const auth = parseClientAuth(v, at, p, env, baseDir, scope, v.string(p.resource, `${at}.resource`));
+  const resource = auth.resource;
   const audience = v.string(p.audience, `${at}.audience`);
 
   const extraParams: Record<string, string> = {};
@@ -248,10 +302,16 @@ function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig |
 
   return {
     name,
-    tokenUrl: tokenUrl ?? '',
-    clientId: clientId ?? emptySecret,
-    clientSecret: clientSecret ?? emptySecret,
-    clientAuth,
+    tokenUrl: auth.tokenUrl,
+    clientId: auth.clientId,
+    clientSecret: auth.clientSecret,
+    clientAuth: auth.clientAuth,
+    // Only what the method uses, so a secret-based profile reads as it always did.
+    ...definedOnly({
+      privateKey: auth.privateKey, certificate: auth.certificate, keyId: auth.keyId, assertion: auth.assertion,
+      tokenFile: auth.tokenFile, managedIdentity: auth.managedIdentity, tls: auth.tls,
+      proxy: auth.clientAuth === 'managed_identity' ? undefined : proxyFrom(env),
+    }),
     scope,
     resource,
     audience,
@@ -269,7 +329,16 @@ function parseProfile(v: Validator, name: string, raw: unknown): ProfileConfig |
   };
 }
 
-const emptySecret: SecretValue = { read: () => '' };
+function definedOnly<T extends Record<string, unknown>>(fields: T): Partial<T> {
+  return Object.fromEntries(Object.entries(fields).filter(([, value]) => value !== undefined)) as Partial<T>;
+}
+
+/** The proxy variables as curl and undici read them (lower case first), or undefined when none is set. */
+function proxyFrom(env: NodeJS.ProcessEnv): ProxyConfig | undefined {
+  const get = (name: string): string | undefined => env[name.toLowerCase()] || env[name] || undefined;
+  const proxy = { httpsProxy: get('HTTPS_PROXY'), httpProxy: get('HTTP_PROXY'), noProxy: get('NO_PROXY') };
+  return proxy.httpsProxy === undefined && proxy.httpProxy === undefined ? undefined : proxy;
+}
 
 function deepFreeze<T>(value: T): T {
   if (typeof value === 'object' && value !== null && !Object.isFrozen(value)) {
@@ -289,9 +358,7 @@ export function describeConfig(config: Config): string {
   ];
   for (const p of Object.values(config.profiles)) {
     lines.push(`profile ${p.name}:`);
-    lines.push(`  tokenUrl: ${p.tokenUrl}`);
-    lines.push(`  clientAuth: ${p.clientAuth}`);
-    lines.push(`  clientSecret: (set, ${p.clientSecret.read().length} characters)`);
+    lines.push(...describeClientAuth(p).map((line) => `  ${line}`));
     if (p.scope !== undefined) lines.push(`  scope: ${p.scope}`);
     if (p.resource !== undefined) lines.push(`  resource: ${p.resource}`);
     if (p.audience !== undefined) lines.push(`  audience: ${p.audience}`);
@@ -304,5 +371,64 @@ export function describeConfig(config: Config): string {
     lines.push(`  timeoutSeconds: ${p.timeoutMs / 1000}`);
     lines.push(`  refresh: at ${p.refresh.share} of the lifetime (±${p.refresh.jitter}), margin ${p.refresh.marginSeconds}s, backoff ${p.refresh.minBackoffSeconds}s..${p.refresh.maxBackoffSeconds}s`);
   }
+  if (config.warnings.length > 0) {
+    lines.push(`warnings (${config.warnings.length}):`);
+    for (const w of config.warnings) lines.push(`  ${w.path}: ${w.message}`);
+  }
   return lines.join('\n');
+}
+
+/** How a profile proves who it is, without a secret: lengths, key types, thumbprints, paths. */
+function describeClientAuth(p: ProfileConfig): string[] {
+  const lines: string[] = [];
+  const read = (value: SecretValue): string => {
+    try {
+      return value.read();
+    } catch (err) {
+      return `(not readable now: ${(err as NodeJS.ErrnoException).code ?? 'error'})`;
+    }
+  };
+  if (p.clientAuth !== 'managed_identity') lines.push(`tokenUrl: ${p.tokenUrl}`);
+  lines.push(`clientAuth: ${p.clientAuth}`);
+  switch (p.clientAuth) {
+    case 'client_secret_post':
+    case 'client_secret_basic':
+      lines.push(`clientSecret: (set, ${read(p.clientSecret).length} characters)`);
+      break;
+    case 'private_key_jwt':
+      lines.push(`clientId: ${read(p.clientId)}`, ...checkAssertionKeys(p));
+      if (p.keyId !== undefined) lines.push(`keyId: ${p.keyId}`);
+      lines.push(`assertion: aud ${p.assertion?.audience ?? p.tokenUrl}, lifetime ${p.assertion?.lifetimeSeconds ?? 300}s`);
+      break;
+    case 'tls_client_auth':
+      lines.push(`clientId: ${read(p.clientId)}`, ...checkAssertionKeys(p));
+      break;
+    case 'workload_identity':
+      lines.push(`clientId: ${read(p.clientId)}`, `tokenFile: ${p.tokenFile ?? ''} (read at every fetch, contents not shown)`);
+      break;
+    case 'managed_identity': {
+      const mi = p.managedIdentity;
+      if (mi !== undefined) {
+        lines.push(`identity endpoint: ${mi.kind === 'app_service' ? 'App Service (IDENTITY_ENDPOINT, IDENTITY_HEADER)' : 'IMDS'} ${mi.url} (never through a proxy)`);
+        const user = mi.clientId ?? mi.objectId ?? mi.resourceId;
+        lines.push(`identity: ${user === undefined ? 'system-assigned' : `user-assigned ${user}`}`);
+      }
+      break;
+    }
+  }
+  if (p.tls?.ca !== undefined) {
+    const count = (read(p.tls.ca).match(/-----BEGIN CERTIFICATE-----/g) ?? []).length;
+    lines.push(`tls.ca: ${count} certificate${count === 1 ? '' : 's'}, trusted in addition to the system CAs`);
+  }
+  if (p.proxy !== undefined) {
+    const proxyUrl = p.tokenUrl.startsWith('https:') ? p.proxy.httpsProxy ?? p.proxy.httpProxy : p.proxy.httpProxy;
+    lines.push(`proxy: ${proxyUrl === undefined ? 'none for this scheme' : withoutCredentials(proxyUrl)}${p.proxy.noProxy ? ` (NO_PROXY ${p.proxy.noProxy})` : ''}`);
+  }
+  return lines;
+}
+
+function withoutCredentials(url: string): string {
+  if (!URL.canParse(url)) return '(set)';
+  const u = new URL(url);
+  return `${u.protocol}//${u.username ? '***@' : ''}${u.host}`;
 }

@@ -1,114 +1,141 @@
-// One request to a token endpoint: the client-credentials grant (RFC 6749 §4.4), and the
-// answer turned into a Token or a coded TokenFetchError. No caching and no retries here.
-import { Agent, request, type Dispatcher } from 'undici';
+// One request to a token endpoint: the client-credentials grant (RFC 6749 §4.4) with whatever
+// the profile's client-authentication method adds (client-auth/), and the answer turned into
+// a Token or a coded TokenFetchError (token-response.ts). No caching here; the only retries
+// are the ones a method's endpoint documents within one fetch (managed identity).
+import { setTimeout as sleep } from 'node:timers/promises';
+import { request, type Dispatcher } from 'undici';
+import { clientAuthMethods, type ClientAuthMethod, type Credentials } from './client-auth/index.ts';
+import { readSecret } from './client-auth/read.ts';
 import { systemClock, type Clock } from './clock.ts';
 import type { ProfileConfig } from './config.ts';
-import { SecretReadError, TokenEndpointError, TokenNetworkError, TokenResponseError, TokenTimeoutError } from './errors.ts';
+import { TokenEndpointError, TokenFetchError, TokenNetworkError, TokenResponseError, TokenTimeoutError } from './errors.ts';
 import type { Token } from './token.ts';
+import { TokenConnection } from './token-connection.ts';
 import { endpointError, MAX_BODY_BYTES, parseTokenResponse, readCapped } from './token-response.ts';
 
-// Token fetches are minutes apart, but a start with several profiles or a run of retries
-// reuses the connection. Never the global dispatcher: tests and callers inject their own.
-const defaultDispatcher = new Agent({ keepAliveTimeout: 30_000, keepAliveMaxTimeout: 120_000 });
-
 export interface TokenSourceOptions {
-  /** undici dispatcher for the token endpoint; a shared keep-alive Agent by default. */
+  /** undici dispatcher for the token endpoint when the profile needs no CA, client certificate or proxy. */
   dispatcher?: Dispatcher;
   /** Stamps obtainedAt/expiresAt and resolves an HTTP-date Retry-After. */
   clock?: Clock;
+  /** Hears what each fetch's method sent, in the safe form `token` prints (no secret). */
+  onCredentials?: (details: Record<string, unknown>) => void;
+}
+
+interface HttpCall {
+  method: 'GET' | 'POST';
+  headers: Record<string, string>;
+  body?: string;
 }
 
 export class TokenSource {
   readonly #profile: ProfileConfig;
-  readonly #dispatcher: Dispatcher;
+  readonly #method: ClientAuthMethod;
+  readonly #connection: TokenConnection;
   readonly #clock: Clock;
-  readonly #origin: string;
+  readonly #onCredentials: ((details: Record<string, unknown>) => void) | undefined;
 
   constructor(profile: ProfileConfig, options: TokenSourceOptions = {}) {
     this.#profile = profile;
-    this.#dispatcher = options.dispatcher ?? defaultDispatcher;
+    this.#method = clientAuthMethods[profile.clientAuth];
+    this.#connection = new TokenConnection(profile.proxy, options.dispatcher);
     this.#clock = options.clock ?? systemClock;
-    // Messages name the endpoint by origin only: a path or query is not ours to repeat.
-    this.#origin = new URL(profile.tokenUrl).origin;
+    this.#onCredentials = options.onCredentials;
   }
 
   /** Asks the endpoint for one token. Rejects only with a TokenFetchError subclass. */
   async fetch(): Promise<Token> {
     const profile = this.#profile;
-    const { clientId, clientSecret } = readCredentials(profile);
-    const secrets = [clientSecret, `${formEncode(clientId)}:${formEncode(clientSecret)}`]; // raw values; token-response derives every encoding
+    let credentials: Credentials;
+    try {
+      credentials = await this.#method.credentials(profile, this.#clock.now());
+    } catch (err) {
+      if (err instanceof TokenFetchError) throw err;
+      // jose or node:crypto refusing to sign: say so by code, never with the key.
+      throw new TokenFetchError('OAUTH2_ERR_CLIENT_AUTH', `profile ${profile.name}: cannot build the ${profile.clientAuth} credentials (${(err as { code?: string }).code ?? (err as Error).name})`, { cause: err });
+    }
+    this.#onCredentials?.(credentials.details);
+    const exchange = credentials.exchange;
+    const ca = profile.tls?.ca === undefined ? undefined : readSecret(profile, profile.tls.ca, 'tls.ca');
+    const dispatcher = this.#connection.dispatcher({ ca, client: credentials.tlsClient, direct: exchange?.direct });
 
-    const form = new URLSearchParams({ grant_type: 'client_credentials' });
-    if (profile.scope !== undefined) form.set('scope', profile.scope);
-    if (profile.resource !== undefined) form.set('resource', profile.resource);
-    if (profile.audience !== undefined) form.set('audience', profile.audience);
-    for (const [key, value] of Object.entries(profile.extraParams)) form.set(key, value);
-
-    const headers: Record<string, string> = {
-      'content-type': 'application/x-www-form-urlencoded',
-      accept: 'application/json',
-    };
-    if (profile.clientAuth === 'client_secret_basic') {
-      // RFC 6749 §2.3.1: id and secret are form-encoded (space as '+') before the Basic
-      // encoding, so ':' in the id and '%', '+', '&' in the secret survive the round trip.
-      const pair = `${formEncode(clientId)}:${formEncode(clientSecret)}`;
-      headers.authorization = `Basic ${Buffer.from(pair, 'utf8').toString('base64')}`;
+    let url: string;
+    let options: HttpCall;
+    if (exchange === undefined) {
+      const form = new URLSearchParams({ grant_type: 'client_credentials' });
+      if (profile.scope !== undefined) form.set('scope', profile.scope);
+      if (profile.resource !== undefined) form.set('resource', profile.resource);
+      if (profile.audience !== undefined) form.set('audience', profile.audience);
+      for (const [key, value] of Object.entries(profile.extraParams)) form.set(key, value);
+      for (const [key, value] of Object.entries(credentials.form)) form.set(key, value);
+      url = profile.tokenUrl;
+      options = {
+        method: 'POST',
+        headers: { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json', ...credentials.headers },
+        body: form.toString(),
+      };
     } else {
-      form.set('client_id', clientId);
-      form.set('client_secret', clientSecret);
+      url = exchange.url;
+      options = { method: exchange.method, headers: credentials.headers };
     }
 
-    // Real timers, not the injected clock: this bounds real I/O (connect, headers and the whole
-    // body), and a test's frozen clock would otherwise never let it fire.
+    // Real timers, not the injected clock: this bounds real I/O (connect, headers, the whole
+    // body, and the waits between a method's retries), and a frozen test clock never fires.
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), profile.timeoutMs);
-    let res: Dispatcher.ResponseData | undefined;
     try {
-      res = await request(profile.tokenUrl, {
-        dispatcher: this.#dispatcher,
-        method: 'POST',
-        headers,
-        body: form.toString(),
-        signal: controller.signal,
-      });
-      const body = await readCapped(res.body, MAX_BODY_BYTES);
-      const answeredAt = this.#clock.now();
-      if (res.statusCode < 200 || res.statusCode > 299) {
-        throw endpointError(res.statusCode, res.headers, body, answeredAt, secrets);
+      for (let attempt = 0; ; attempt++) {
+        const answer = await this.#ask(url, options, dispatcher, controller.signal, credentials.secrets, exchange?.adaptBody);
+        if (answer instanceof TokenEndpointError && exchange !== undefined && exchange.retryStatuses(answer.status)) {
+          const delay = exchange.retryDelaysMs[attempt];
+          if (delay !== undefined) {
+            await sleep(Math.max(delay, (answer.retryAfterSeconds ?? 0) * 1000), undefined, { signal: controller.signal }).catch(() => undefined);
+            if (!controller.signal.aborted) continue;
+          }
+        }
+        if (answer instanceof TokenFetchError) throw answer;
+        return answer;
       }
-      return parseTokenResponse(res.statusCode, res.headers, body, answeredAt, secrets);
     } catch (err) {
       if (err instanceof TokenEndpointError || err instanceof TokenResponseError) throw err;
-      // The undici error goes along as the cause: it names sockets and codes, never our headers.
       if (controller.signal.aborted) throw new TokenTimeoutError(profile.timeoutMs, { cause: err });
-      const code = (err as { code?: unknown } | null)?.code;
-      const why = typeof code === 'string' ? code : (err as Error | null)?.name ?? 'error';
-      throw new TokenNetworkError(`cannot reach the token endpoint ${this.#origin} (${why})`, { cause: err });
+      throw err;
     } finally {
       clearTimeout(timer);
+    }
+  }
+
+  /** One HTTP exchange; a non-2xx answer comes back as a TokenEndpointError (not thrown) so it can be retried. */
+  async #ask(
+    url: string,
+    options: HttpCall,
+    dispatcher: Dispatcher,
+    signal: AbortSignal,
+    secrets: string[],
+    adaptBody: ((text: string, now: number) => string) | undefined,
+  ): Promise<Token | TokenEndpointError> {
+    let res: Dispatcher.ResponseData | undefined;
+    try {
+      res = await request(url, { dispatcher, ...options, signal });
+      const body = await readCapped(res.body, MAX_BODY_BYTES);
+      const answeredAt = this.#clock.now();
+      if (res.statusCode < 200 || res.statusCode > 299) return endpointError(res.statusCode, res.headers, body, answeredAt, secrets);
+      const adapted = adaptBody === undefined || body.truncated ? body : { ...body, text: adaptBody(body.text, answeredAt) };
+      return parseTokenResponse(res.statusCode, res.headers, adapted, answeredAt, secrets);
+    } catch (err) {
+      if (err instanceof TokenFetchError || signal.aborted) throw err;
+      // The undici error goes along as the cause: it names sockets and codes, never our headers.
+      const code = (err as { code?: unknown } | null)?.code;
+      const why = typeof code === 'string' ? code : (err as Error | null)?.name ?? 'error';
+      throw new TokenNetworkError(`cannot reach the token endpoint ${new URL(url).origin} (${why})`, { cause: err });
+    } finally {
       // Whatever happened, release the socket: an unread body would pin the connection.
       if (res !== undefined && !res.body.readableEnded) res.body.destroy();
     }
   }
-}
 
-function readCredentials(profile: ProfileConfig): { clientId: string; clientSecret: string } {
-  // Read at every fetch: `${file:}` secrets rotate under us (Kubernetes Secret volumes).
-  const read = (value: ProfileConfig['clientId'], what: string): string => {
-    let s: string;
-    try {
-      s = value.read();
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException | null)?.code;
-      throw new SecretReadError(`cannot read the ${what} of profile ${profile.name}${code ? ` (${code})` : ''}`, { cause: err });
-    }
-    if (s === '') throw new SecretReadError(`the ${what} of profile ${profile.name} is empty`);
-    return s;
-  };
-  return { clientId: read(profile.clientId, 'client id'), clientSecret: read(profile.clientSecret, 'client secret') };
-}
-
-/** application/x-www-form-urlencoded encoding of one value (WHATWG URL, as RFC 6749 Appendix B asks). */
-function formEncode(value: string): string {
-  return new URLSearchParams([['', value]]).toString().slice(1);
+  /** Closes connections this source opened for itself (a CA, a client certificate or a proxy). */
+  close(): Promise<void> {
+    return this.#connection.close();
+  }
 }

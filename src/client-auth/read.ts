@@ -1,0 +1,37 @@
+// Reading what a method sends, at fetch time: `${file:}` values and token files rotate under a
+// running pod, so nothing here is cached. A failure is a coded SecretReadError naming what and
+// where, never the value.
+import { readFileSync } from 'node:fs';
+import type { ProfileConfig, SecretValue } from '../config.ts';
+import { SecretReadError } from '../errors.ts';
+
+export function readSecret(profile: ProfileConfig, value: SecretValue | undefined, what: string): string {
+  if (value === undefined) throw new SecretReadError(`profile ${profile.name} has no ${what}`);
+  let s: string;
+  try {
+    s = value.read();
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException | null)?.code;
+    throw new SecretReadError(`cannot read the ${what} of profile ${profile.name}${code ? ` (${code})` : ''}`, { cause: err });
+  }
+  if (s === '') throw new SecretReadError(`the ${what} of profile ${profile.name} is empty`);
+  return s;
+}
+
+/** A file whose whole content is the credential (a projected service-account token). */
+export function readTokenFile(profile: ProfileConfig, path: string): string {
+  let s: string;
+  try {
+    s = readFileSync(path, 'utf8').trim();
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException | null)?.code;
+    throw new SecretReadError(`cannot read the token file ${path} of profile ${profile.name}${code ? ` (${code})` : ''}`, { cause: err });
+  }
+  if (s === '') throw new SecretReadError(`the token file ${path} of profile ${profile.name} is empty`);
+  return s;
+}
+
+/** application/x-www-form-urlencoded encoding of one value (WHATWG URL, as RFC 6749 Appendix B asks). */
+export function formEncode(value: string): string {
+  return new URLSearchParams([['', value]]).toString().slice(1);
+}
