@@ -6,10 +6,12 @@ import { Metadata, status as grpcStatus, type ServerDuplexStream } from '@grpc/g
 import type { ProfileConfig } from './config.ts';
 import { DEFAULT_PROFILE } from './config.ts';
 import { describeError } from './errors.ts';
-import { continueWithoutToken, deny, emptyReply, injectToken, stripQueryParameters } from './header-mutation.ts';
+import { continueWithoutToken, deny, emptyReply, injectToken, type RequestChanges } from './header-mutation.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics, RequestOutcome } from './metrics.ts';
-import { decodeRequest, encodeResponse, findPath, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './protocol.ts';
+import { HeaderNamePolicy } from './policy/header-names.ts';
+import { QueryNamePolicy, type ByteString } from './policy/query-names.ts';
+import { decodeRequest, encodeResponse, findPath, HeaderSpellingScanner, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './protocol.ts';
 import type { Token } from './token.ts';
 
 export const PROFILE_METADATA_KEY = 'x-oauth2-profile';
@@ -46,13 +48,18 @@ class ProfileAnswer {
   readonly counts: OutcomeCounts = zeroCounts();
   readonly config: ProfileConfig;
   private readonly tokens: TokenProvider;
-  /** The query parameters to remove, lower-cased, to spot them in `:path` cheaply. */
-  private readonly queryNames: readonly string[];
+  /** Which query parameters go (docs/query-names.md), compiled once. */
+  readonly queryNames: QueryNamePolicy;
+  /** The headers removed or overwritten, and their other spellings (`_` for `-`). */
+  readonly headerNames: HeaderNamePolicy;
+  private readonly headerSpellings: HeaderSpellingScanner;
 
   constructor(config: ProfileConfig, tokens: TokenProvider) {
     this.config = config;
     this.tokens = tokens;
-    this.queryNames = config.removeQueryParameters.map((name) => name.toLowerCase());
+    this.queryNames = new QueryNamePolicy(config.removeQueryParameters);
+    this.headerNames = new HeaderNamePolicy([config.header, ...config.removeHeaders]);
+    this.headerSpellings = new HeaderSpellingScanner(this.headerNames);
     this.token = undefined;
     this.reply = this.encodeWithout();
     this.outcome = this.noTokenOutcome();
@@ -74,30 +81,27 @@ class ProfileAnswer {
     return this.outcome;
   }
 
+  /**
+   * The prebuilt reply, unless this request needs more: almost every request has no other
+   * spelling of a removed header and nothing in its query that could be a removed parameter
+   * (QueryNamePolicy.mayMatch: a byte scan and a substring search), and stays on it.
+   */
   private replyFor(request: PeekedRequest, token: Token | undefined): EncodedReply {
-    if (this.queryNames.length === 0) return this.reply;
     if (token === undefined && this.config.onFailure === 'deny') return this.reply;
-    const path = findPath(request.bytes) ?? pathOf(request);
-    if (path === undefined || !this.mayCarryQueryParameter(path)) return this.reply;
-    const stripped = stripQueryParameters(path, this.config.removeQueryParameters);
-    if (stripped === undefined) return this.reply;
-    return encodeResponse(token === undefined ? continueWithoutToken(this.config, stripped) : injectToken(this.config, token, stripped));
+    const changes = this.changesFor(request);
+    if (changes === undefined) return this.reply;
+    return encodeResponse(token === undefined ? continueWithoutToken(this.config, changes) : injectToken(this.config, token, changes));
   }
 
-  /**
-   * Almost every request carries no key in its query: a look at the query of `:path`, read from
-   * the raw message, keeps them on the prebuilt reply. Names are matched without regard to case,
-   * and a `%` in the query counts as a hit, since `subscription%2Dkey=` is the same parameter to
-   * a backend that decodes its query; only a hit pays for splitting the query.
-   */
-  private mayCarryQueryParameter(path: string): boolean {
-    const q = path.indexOf('?');
-    if (q < 0) return false;
-    const query = path.slice(q + 1).toLowerCase();
-    if (query.includes('%')) return true;
-    const names = this.queryNames;
-    for (let i = 0; i < names.length; i++) if (query.includes(names[i]!)) return true;
-    return false;
+  /** What this request needs beyond the prebuilt reply, or undefined when nothing. */
+  changesFor(request: PeekedRequest): RequestChanges | undefined {
+    const removeHeaders = this.headerSpellings.find(request.bytes);
+    let path: ByteString | undefined;
+    if (!this.queryNames.empty) {
+      const original = findPath(request.bytes) ?? pathOf(request);
+      if (original !== undefined) path = this.queryNames.strip(original);
+    }
+    return path === undefined && removeHeaders === undefined ? undefined : { path, removeHeaders };
   }
 
   private encodeWithout(): EncodedReply {
@@ -223,17 +227,22 @@ export class ExtProcService {
       const key = String(h.key ?? '').toLowerCase();
       names.add(key);
       if (key === ':method') method = headerValue(h);
-      // The query string may carry a subscription key: log the path only.
+      // The query may carry a subscription key: log the path without it, never a query value.
       if (key === ':path') path = headerValue(h).split('?')[0] ?? '';
     }
-    const config = this.answers.get(profile)?.config;
+    const answer = this.answers.get(profile);
+    const config = answer?.config;
     this.logger.debug({
       profile,
       outcome,
       method,
       path,
-      // Names only, never values: which of the headers we overwrite or remove the client sent.
-      clientSent: config === undefined ? [] : [config.header, ...config.removeHeaders].filter((n) => names.has(n)),
+      // Names only, never values: which of the headers we overwrite or remove the client sent,
+      // under their own names or another spelling.
+      clientSent: config === undefined ? [] : [
+        ...[config.header, ...config.removeHeaders].filter((n) => names.has(n)),
+        ...answer!.headerNames.otherSpellings(names),
+      ],
     }, 'request_headers answered');
   }
 }
@@ -243,10 +252,13 @@ function endCall(this: Call): void {
   this.end();
 }
 
-function pathOf(request: PeekedRequest): string | undefined {
+/** `:path` as a byte string, from the decoded message (when findPath could not read it). */
+function pathOf(request: PeekedRequest): ByteString | undefined {
   const headers: Array<{ key?: string; value?: string; raw_value?: Buffer }> = decodeRequest(request.bytes).request_headers?.headers?.headers ?? [];
   const header = headers.find((h) => h.key === ':path');
-  return header === undefined ? undefined : headerValue(header);
+  if (header === undefined) return undefined;
+  const raw = header.raw_value;
+  return raw !== undefined && raw.length > 0 ? Buffer.from(raw).toString('latin1') : Buffer.from(header.value ?? '', 'utf8').toString('latin1');
 }
 
 /** Envoy ≥1.27 sends `raw_value`; older ones `value`. Read raw_value when it is not empty. */

@@ -9,6 +9,7 @@
 //   for Envoys that do read it.
 import type { ProfileConfig } from './config.ts';
 import { denyReasons, type DenyReason } from './errors.ts';
+import type { ByteString } from './policy/query-names.ts';
 import type { Token } from './token.ts';
 
 export interface HeaderValueOption {
@@ -38,15 +39,25 @@ export interface ImmediateResponse {
 }
 
 /**
- * `request_headers` answer: set the token header, remove the subscription key and extras, and
- * when `path` is given (a query parameter had to go), set `:path` to it.
+ * What one request needs beyond the profile's prebuilt answer: `path`, its `:path` without the
+ * removed query parameters (a byte string), and `removeHeaders`, other spellings of removed
+ * header names that it carries.
  */
-export function injectToken(profile: ProfileConfig, token: Token, path?: string): ProcessingResponse {
+export interface RequestChanges {
+  readonly path?: ByteString | undefined;
+  readonly removeHeaders?: readonly string[] | undefined;
+}
+
+/**
+ * `request_headers` answer: set the token header, remove the subscription key and extras, and
+ * apply the request's own changes (a new `:path`, more headers to remove).
+ */
+export function injectToken(profile: ProfileConfig, token: Token, changes: RequestChanges = {}): ProcessingResponse {
   const set = [setHeader(profile.header, `${token.tokenType} ${token.accessToken}`)];
-  if (path !== undefined) set.push(setHeader(':path', path));
+  if (changes.path !== undefined) set.push(setPath(changes.path));
   return {
     request_headers: {
-      response: { header_mutation: { set_headers: set, remove_headers: [...profile.removeHeaders] } },
+      response: { header_mutation: { set_headers: set, remove_headers: [...profile.removeHeaders, ...(changes.removeHeaders ?? [])] } },
     },
   };
 }
@@ -55,39 +66,10 @@ export function injectToken(profile: ProfileConfig, token: Token, path?: string)
  * `onFailure: allow` without a token: the request goes on without credentials. The client's own
  * value of the token header is removed too, so it can never reach the backend as if it were ours.
  */
-export function continueWithoutToken(profile: ProfileConfig, path?: string): ProcessingResponse {
-  const mutation: HeaderMutation = { remove_headers: [profile.header, ...profile.removeHeaders] };
-  if (path !== undefined) mutation.set_headers = [setHeader(':path', path)];
+export function continueWithoutToken(profile: ProfileConfig, changes: RequestChanges = {}): ProcessingResponse {
+  const mutation: HeaderMutation = { remove_headers: [profile.header, ...profile.removeHeaders, ...(changes.removeHeaders ?? [])] };
+  if (changes.path !== undefined) mutation.set_headers = [setPath(changes.path)];
   return { request_headers: { response: { header_mutation: mutation } } };
-}
-
-/**
- * The request path without the named query parameters, or undefined when none is there. Names
- * match as sent or percent-decoded, in any case (backends such as ASP.NET read query names
- * without regard to case). The other parameters keep their order and encoding byte for byte.
- */
-export function stripQueryParameters(path: string, names: readonly string[]): string | undefined {
-  const q = path.indexOf('?');
-  if (q < 0 || names.length === 0) return undefined;
-  const wanted = names.map((n) => n.toLowerCase());
-  const kept: string[] = [];
-  let removed = false;
-  for (const pair of path.slice(q + 1).split('&')) {
-    const rawName = (pair.split('=', 1)[0] ?? '').toLowerCase();
-    if (wanted.includes(rawName) || wanted.includes(safeDecode(rawName).toLowerCase())) removed = true;
-    else kept.push(pair);
-  }
-  if (!removed) return undefined;
-  const rest = kept.filter((p) => p !== '');
-  return rest.length === 0 ? path.slice(0, q) : `${path.slice(0, q)}?${rest.join('&')}`;
-}
-
-function safeDecode(s: string): string {
-  try {
-    return decodeURIComponent(s.replace(/\+/g, ' '));
-  } catch {
-    return s;
-  }
 }
 
 /** A local reply from Envoy: JSON body with a stable code, never a secret. */
@@ -125,4 +107,9 @@ type ProcessingResponseKinds = {
 
 function setHeader(key: string, value: string): HeaderValueOption {
   return { header: { key, raw_value: Buffer.from(value, 'utf8') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' };
+}
+
+/** `:path` is bytes: written back exactly as read, whatever is above 0x7F. */
+function setPath(path: ByteString): HeaderValueOption {
+  return { header: { key: ':path', raw_value: Buffer.from(path, 'latin1') }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' };
 }
