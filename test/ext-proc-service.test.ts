@@ -117,6 +117,74 @@ test('a percent-encoded or differently cased name is the same parameter: it is r
   assert.deepEqual((await client.exchange(requestHeaders(cookie))).reply, authorizationMutation('Bearer t'));
 });
 
+test('every spelling a backend framework reads as subscription-key is removed from :path (docs/query-names.md)', async () => {
+  tokens.default = token('t');
+  for (const name of [
+    '+subscription-key', '%20subscription-key', 'subscription-key%00', 'subscription-key%00x', 'subscription-key[]',
+    'subscription-key[0]', 'subscription-key%5B%5D', '[subscription-key]', 'subscription-key.x', '!subscription-key',
+    '%C5%BFubscription-key', 'subscription-%E2%84%AAey', 'subscr%C4%B1ption-key', 'subscription%252Dkey', '%u0073ubscription-key',
+  ]) {
+    const { reply } = await client.exchange(requestHeaders(withPath(`/orders/42?a=1&${name}=0123456789abcdef&b=2`)));
+    assert.deepEqual(reply, authorizationMutation('Bearer t', undefined, '/orders/42?a=1&b=2'), name);
+  }
+  // ; separates parameters for Rack 2, Python before 3.9.2 and Go with AllowQuerySemicolons.
+  const { reply } = await client.exchange(requestHeaders(withPath('/orders/42?a=1;subscription-key=0123456789abcdef&b=2')));
+  assert.deepEqual(reply, authorizationMutation('Bearer t', undefined, '/orders/42?a=1&b=2'));
+  // A name that only looks alike stays, and the request stays on the prebuilt reply.
+  assert.deepEqual((await client.exchange(requestHeaders(withPath('/orders/42?subscription-keys=1&subscription_key=2')))).reply, authorizationMutation('Bearer t'));
+});
+
+test(':path is bytes: stripping keeps bytes above 0x7F and invalid UTF-8 exactly', async () => {
+  tokens.default = token('t');
+  const path = Buffer.from('/caf\xc3\xa9/\xff?q=\xe9\x80&subscription-key=0123456789abcdef&r=\xc3', 'latin1');
+  const message = { request_headers: { headers: { headers: [
+    ...TYPICAL_HEADERS.filter(([k]) => k !== ':path').map(([key, value]) => ({ key, raw_value: Buffer.from(value) })),
+    { key: ':path', raw_value: path },
+  ] }, end_of_stream: true } };
+  const { reply } = await client.exchange(message);
+  const set = reply.request_headers.response.header_mutation.set_headers as Array<{ header: { key: string; raw_value: Buffer } }>;
+  assert.deepEqual(set.map((o) => o.header.key), ['authorization', ':path']);
+  assert.deepEqual(Buffer.from(set[1]!.header.raw_value), Buffer.from('/caf\xc3\xa9/\xff?q=\xe9\x80&r=\xc3', 'latin1'));
+});
+
+test('a removed or overwritten header sent with _ for - is removed under that spelling too', async () => {
+  tokens.default = token('t');
+  const spelled = [...TYPICAL_HEADERS, ['ocp_apim_subscription_key', 'k1'], ['ocp-apim_subscription-key', 'k2']] as Array<[string, string]>;
+  assert.deepEqual((await client.exchange(requestHeaders(spelled))).reply,
+    authorizationMutation('Bearer t', ['ocp-apim-subscription-key', 'ocp_apim_subscription_key', 'ocp-apim_subscription-key']));
+  // With a query parameter to strip as well, both changes are in the one answer.
+  const both = [...withPath('/orders/42?subscription-key=k3'), ['ocp_apim_subscription_key', 'k1']] as Array<[string, string]>;
+  assert.deepEqual((await client.exchange(requestHeaders(both))).reply,
+    authorizationMutation('Bearer t', ['ocp-apim-subscription-key', 'ocp_apim_subscription_key'], '/orders/42'));
+  // A profile's own removeHeaders too; and without a token under onFailure allow.
+  tokens['backend-b'] = token('b');
+  const apiKey = [...TYPICAL_HEADERS, ['x_api_key', 'k4']] as Array<[string, string]>;
+  assert.deepEqual((await client.exchange(requestHeaders(apiKey), { profile: 'backend-b' })).reply,
+    authorizationMutation('Bearer b', ['ocp-apim-subscription-key', 'x-api-key', 'x_api_key']));
+  tokens.lenient = undefined;
+  assert.deepEqual((await client.exchange(requestHeaders(spelled), { profile: 'lenient' })).reply, {
+    response: 'request_headers',
+    request_headers: { response: { header_mutation: { remove_headers: ['authorization', 'ocp-apim-subscription-key', 'ocp_apim_subscription_key', 'ocp-apim_subscription-key'] } } },
+  });
+  // The same bytes in a value, or a longer name, change nothing.
+  const lookalikes = [...TYPICAL_HEADERS, ['x-note', 'ocp_apim_subscription_key'], ['ocp_apim_subscription_keys', 'x']] as Array<[string, string]>;
+  assert.deepEqual((await client.exchange(requestHeaders(lookalikes))).reply, authorizationMutation('Bearer t'));
+});
+
+test('the debug line names what the client sent, never a query value', async () => {
+  tokens.default = token('t');
+  logLines.length = 0;
+  const headers = [...withPath('/orders/42?subscription-key=0123456789abcdef0123456789abcdef&q=private-search'), ['ocp_apim_subscription_key', 'k1']] as Array<[string, string]>;
+  await client.exchange(requestHeaders(headers));
+  const record = logLines.findLast((l) => l.msg === 'request_headers answered');
+  assert.deepEqual({ ...record, time: undefined }, {
+    level: 'debug', service: 'oauth2-extproc', time: undefined, msg: 'request_headers answered',
+    profile: 'default', outcome: 'injected', method: 'GET', path: '/orders/42',
+    clientSent: ['authorization', 'ocp-apim-subscription-key', 'ocp_apim_subscription_key'],
+  });
+  assert.ok(!JSON.stringify(logLines).includes('private-search'));
+});
+
 test('every other event gets an empty reply of its own kind, one per message, in order, on one stream', async () => {
   tokens.default = token('t');
   const call = client.open();
@@ -234,7 +302,7 @@ test('requests are counted by profile and outcome; open streams return to zero',
   const text = await metrics.registry.getSingleMetricAsString('oauth2_extproc_requests_total');
   assert.match(text, /oauth2_extproc_requests_total\{profile="default",outcome="injected"\} \d+/);
   assert.match(text, /oauth2_extproc_requests_total\{profile="default",outcome="denied"\} 1/);
-  assert.match(text, /oauth2_extproc_requests_total\{profile="lenient",outcome="allowed_without_token"\} 2/);
+  assert.match(text, /oauth2_extproc_requests_total\{profile="lenient",outcome="allowed_without_token"\} 3/);
   assert.match(text, /oauth2_extproc_requests_total\{profile="nope",outcome="unknown_profile"\} 3/);
   await new Promise((resolve) => setTimeout(resolve, 50));
   assert.equal(service.streamsOpen, 0);
