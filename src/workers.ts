@@ -149,8 +149,19 @@ export const isWorker = (): boolean => cluster.isWorker;
 class HandedTokens {
   token: Token | undefined;
   usableUntil = 0;
+  /** The SDS streams in this worker push each token the primary hands over. */
+  private readonly listeners = new Set<() => void>();
   current(): Token | undefined {
     return systemClock.now() < this.usableUntil ? this.token : undefined;
+  }
+  onChange(listener: () => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+  set(token: Token | undefined, usableUntil: number): void {
+    this.token = token;
+    this.usableUntil = usableUntil;
+    for (const listener of this.listeners) listener();
   }
 }
 
@@ -179,10 +190,7 @@ export async function runWorker(config: Config, logger: Logger): Promise<void> {
   process.on('message', (message: ToWorker) => {
     if (message.t === 'token') {
       const slot = handed.get(message.profile);
-      if (slot !== undefined) {
-        slot.token = message.token ?? undefined;
-        slot.usableUntil = message.usableUntil;
-      }
+      slot?.set(message.token ?? undefined, message.usableUntil);
     } else if (message.t === 'serving') {
       if (!draining) listener.setServing(message.ready);
     } else if (message.t === 'metrics') {

@@ -21,12 +21,14 @@ const secretType = messageType('envoy/extensions/transport_sockets/tls/v3/secret
 /** A profile's tokens as the SDS server needs them: the current one, and word when it changes. */
 export interface WatchedTokens {
   current(): Token | undefined;
-  onChange(listener: () => void): () => void;
+  onChange(listener: () => void): unknown;
 }
 
 export interface SecretBinding {
   readonly config: ProfileConfig;
-  readonly tokens: WatchedTokens;
+  // Optional in the type only because the ext_proc bindings, which the listener hands over as
+  // they are, need no notifications; the constructor refuses a binding without it.
+  readonly tokens: Omit<WatchedTokens, 'onChange'> & Partial<Pick<WatchedTokens, 'onChange'>>;
 }
 
 interface Status {
@@ -132,6 +134,7 @@ export class SdsService {
       const name = binding.config.name;
       this.profiles.set(name, binding);
       this.versions.set(name, 1);
+      if (binding.tokens.onChange === undefined) throw new TypeError(`profile ${name}: its tokens give no change notifications, which SDS pushes need`);
       binding.tokens.onChange(() => this.changed(name));
     }
   }

@@ -31,8 +31,11 @@ export function envoyVersion(bin: string): string {
   return m[1]!;
 }
 
-/** Where each cluster of the shipped file goes: `127.0.0.1:PORT`, or a Unix socket path. */
-export type ClusterTarget = string | { pipe: string };
+/**
+ * Where each cluster of the shipped file goes: `127.0.0.1:PORT`, or a Unix socket path, or an
+ * address plus the one its endpoints are health-checked at (`health_check_config.address`).
+ */
+export type ClusterTarget = string | { pipe: string } | { address: string; healthCheck: string };
 
 type Json = any;
 
@@ -56,7 +59,12 @@ export function rewriteEnvoyConfig(shipped: Json, clusters: Record<string, Clust
     for (const group of cluster.load_assignment?.endpoints ?? []) {
       for (const lb of group.lb_endpoints ?? []) {
         const address = lb.endpoint.address;
-        if (typeof target === 'string') {
+        if (typeof target === 'object' && 'healthCheck' in target) {
+          const check = lb.endpoint.health_check_config?.address?.socket_address;
+          if (!address.socket_address || !check) throw new Error(`cluster "${cluster.name}" has no TCP health-check address`);
+          address.socket_address = { ...address.socket_address, ...hostPort(target.address) };
+          lb.endpoint.health_check_config.address.socket_address = { ...check, ...hostPort(target.healthCheck) };
+        } else if (typeof target === 'string') {
           if (!address.socket_address) throw new Error(`cluster "${cluster.name}" is not a TCP cluster`);
           const i = target.lastIndexOf(':');
           address.socket_address = { ...address.socket_address, address: target.slice(0, i), port_value: Number(target.slice(i + 1)) };
@@ -73,6 +81,11 @@ export function rewriteEnvoyConfig(shipped: Json, clusters: Record<string, Clust
     if (sa.address !== '127.0.0.1') throw new Error(`non-loopback address left in the test config: ${sa.address}`);
   }
   return doc;
+}
+
+function hostPort(target: string): { address: string; port_value: number } {
+  const i = target.lastIndexOf(':');
+  return { address: target.slice(0, i), port_value: Number(target.slice(i + 1)) };
 }
 
 /** The config with every address, port and socket path blanked: what the rewrite must keep. */
