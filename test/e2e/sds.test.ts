@@ -284,3 +284,40 @@ describe('the sidecar dies: restarts go unnoticed, a dead one takes Envoy out of
     assert.equal((await send(`${envoy.url}/healthz`)).status, 503);
   });
 });
+
+describe('with server.workers: 2, the worker holding Envoy\'s SDS stream pushes the primary\'s refreshed tokens', { skip }, () => {
+  let idp: OAuthServer;
+  let backend: EchoBackend;
+  let sidecar: SidecarProcess;
+  let envoy: EnvoyProcess;
+
+  before(async () => {
+    idp = await startOAuthServer({ ttlSeconds: 4 });
+    backend = await startEchoBackend();
+    const ports = { grpc: await freePort(), admin: await freePort() };
+    sidecar = await startSidecar({
+      waitReady: false,
+      config: { server: { grpc: `127.0.0.1:${ports.grpc}`, admin: `127.0.0.1:${ports.admin}`, workers: 2 }, profiles: { default: profileFor(idp), reports: profileFor(idp, { resource: 'https://reports.test' }) } },
+    });
+    await sidecar.waitForLog((r) => typeof r.msg === 'string' && r.msg.startsWith('ready'));
+    envoy = await envoyFor(ports, backend);
+  });
+
+  after(async () => {
+    await envoy?.stop();
+    await sidecar?.stop();
+    await backend?.close();
+    await idp?.close();
+  });
+
+  test('a token refreshed by the primary reaches the backend', async () => {
+    const tokens = new Set<string>();
+    await eventually('three tokens at the backend', async () => {
+      const r = await send(`${envoy.url}/orders/1`);
+      assert.equal(r.status, 200, r.body);
+      tokens.add(bearer(backend.requests.at(-1)!));
+      return tokens.size >= 3 ? true : undefined;
+    }, 15_000);
+    for (const token of tokens) await idp.verify(token);
+  });
+});
