@@ -1,9 +1,11 @@
 // A real OAuth2 authorization server for tests: panva's oidc-provider on 127.0.0.1, port 0,
 // issuing RS256 JWT access tokens (typ at+jwt) with the client-credentials grant.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
+import type { TLSSocket } from 'node:tls';
 import type { AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
-import { exportJWK, generateKeyPair, createRemoteJWKSet, jwtVerify, type JWTPayload } from 'jose';
+import { exportJWK, generateKeyPair, createLocalJWKSet, createRemoteJWKSet, jwtVerify, type JWTPayload } from 'jose';
 import Provider, { errors } from 'oidc-provider';
 
 export interface TestClient {
@@ -18,8 +20,11 @@ export interface OAuthServer {
   jwksUri: string;
   /** Clients registered: `post` (client_secret_post) and `basic` (client_secret_basic). */
   clients: { post: TestClient; basic: TestClient };
-  /** Every request to the token endpoint, in order (form fields parsed, secrets included: tests only). */
-  tokenRequests: Array<{ form: URLSearchParams; authorization: string | undefined }>;
+  /**
+   * Every request to the token endpoint, in order (form fields parsed, secrets included: tests
+   * only); over TLS, the subject of the client certificate presented, if any.
+   */
+  tokenRequests: Array<{ form: URLSearchParams; authorization: string | undefined; clientCertificate?: string | undefined }>;
   /** Verifies an access token against the server's published keys; returns its claims. */
   verify(token: string, audience?: string): Promise<JWTPayload>;
   /**
@@ -36,7 +41,17 @@ export type Override = 'hang' | { status: number; headers?: Record<string, strin
 export const DEFAULT_RESOURCE = 'https://upstream.test';
 export const SCOPES = 'api://orders/.default orders.read';
 
-export async function startOAuthServer(options: { ttlSeconds?: number } = {}): Promise<OAuthServer> {
+export interface OAuthServerOptions {
+  ttlSeconds?: number;
+  /** Serve HTTPS with this key and certificate; `clientCa` (PEM) verifies client certificates. */
+  tls?: { key: string; cert: string; clientCa?: string };
+  /** More clients, as oidc-provider client metadata (e.g. private_key_jwt with `jwks`, tls_client_auth). */
+  clients?: Array<Record<string, unknown>>;
+  /** oidc-provider's features.mTLS: tls_client_auth and certificate-bound access tokens (RFC 8705). */
+  mtls?: boolean;
+}
+
+export async function startOAuthServer(options: OAuthServerOptions = {}): Promise<OAuthServer> {
   const ttl = options.ttlSeconds ?? 300;
   const { privateKey } = await generateKeyPair('RS256', { extractable: true });
   const jwk = { ...(await exportJWK(privateKey)), alg: 'RS256', use: 'sig', kid: 'test-key' };
@@ -45,25 +60,43 @@ export async function startOAuthServer(options: { ttlSeconds?: number } = {}): P
     basic: { clientId: 'orders:basic', clientSecret: 'basic s3cret+/=%:&', authMethod: 'client_secret_basic' as const },
   };
 
-  const server: Server = createServer();
+  const server: Server = options.tls === undefined
+    ? createServer()
+    // Asks for a client certificate but lets oidc-provider decide (certificateAuthorized below).
+    : createHttpsServer({ key: options.tls.key, cert: options.tls.cert, ca: options.tls.clientCa, requestCert: true, rejectUnauthorized: false });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const issuer = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const issuer = `${options.tls === undefined ? 'http' : 'https'}://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const peer = (socket: unknown) => (socket as Partial<TLSSocket>).getPeerX509Certificate?.();
 
   const provider = new Provider(issuer, {
-    clients: Object.values(clients).map((c) => ({
-      client_id: c.clientId,
-      client_secret: c.clientSecret,
-      grant_types: ['client_credentials'],
-      redirect_uris: [],
-      response_types: [],
-      token_endpoint_auth_method: c.authMethod,
-      scope: SCOPES,
-    })),
+    clients: [
+      ...Object.values(clients).map((c) => ({
+        client_id: c.clientId,
+        client_secret: c.clientSecret,
+        grant_types: ['client_credentials'],
+        redirect_uris: [],
+        response_types: [],
+        token_endpoint_auth_method: c.authMethod,
+        scope: SCOPES,
+      })),
+      ...(options.clients ?? []).map((c) => ({ grant_types: ['client_credentials'], redirect_uris: [], response_types: [], scope: SCOPES, ...c })),
+    ],
     jwks: { keys: [jwk] },
     scopes: SCOPES.split(' '),
     ttl: { ClientCredentials: (_ctx: unknown, token: { resourceServer?: { accessTokenTTL?: number } }) => token.resourceServer?.accessTokenTTL ?? ttl },
     features: {
       clientCredentials: { enabled: true },
+      ...(options.mtls === true && {
+        mTLS: {
+          enabled: true,
+          tlsClientAuth: true,
+          certificateBoundAccessTokens: true,
+          getCertificate: (ctx: { req: IncomingMessage }) => peer(ctx.req.socket)?.toString(),
+          certificateAuthorized: (ctx: { req: IncomingMessage }) => (ctx.req.socket as TLSSocket).authorized === true,
+          certificateSubjectMatches: (ctx: { req: IncomingMessage }, property: string, expected: string) =>
+            property === 'tls_client_auth_subject_dn' && peer(ctx.req.socket)?.subject === expected,
+        },
+      }),
       devInteractions: { enabled: false },
       resourceIndicators: {
         enabled: true,
@@ -92,7 +125,11 @@ export async function startOAuthServer(options: { ttlSeconds?: number } = {}): P
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
       const raw = Buffer.concat(chunks);
-      tokenRequests.push({ form: new URLSearchParams(raw.toString('utf8')), authorization: req.headers.authorization });
+      tokenRequests.push({
+        form: new URLSearchParams(raw.toString('utf8')),
+        authorization: req.headers.authorization,
+        ...(options.tls !== undefined && { clientCertificate: peer(req.socket)?.subject }),
+      });
       const answer = overrides.length > 0 ? overrides.shift() : undefined;
       if (answer === 'hang') {
         hanging.add(res);
@@ -120,7 +157,9 @@ export async function startOAuthServer(options: { ttlSeconds?: number } = {}): P
     }
   });
 
-  const jwks = createRemoteJWKSet(new URL(`${issuer}/jwks`));
+  // Over TLS with a test CA, global fetch would not trust the server: verify with its own keys.
+  const { d: _d, p: _p, q: _q, dp: _dp, dq: _dq, qi: _qi, ...publicJwk } = jwk;
+  const jwks = options.tls === undefined ? createRemoteJWKSet(new URL(`${issuer}/jwks`)) : createLocalJWKSet({ keys: [publicJwk] });
   return {
     issuer,
     tokenUrl: `${issuer}/token`,
