@@ -82,6 +82,9 @@ export async function startOAuthServer(options: OAuthServerOptions = {}): Promis
       ...(options.clients ?? []).map((c) => ({ grant_types: ['client_credentials'], redirect_uris: [], response_types: [], scope: SCOPES, ...c })),
     ],
     jwks: { keys: [jwk] },
+    ...(options.mtls === true && {
+      clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt', 'none', 'tls_client_auth'],
+    }),
     scopes: SCOPES.split(' '),
     ttl: { ClientCredentials: (_ctx: unknown, token: { resourceServer?: { accessTokenTTL?: number } }) => token.resourceServer?.accessTokenTTL ?? ttl },
     features: {
