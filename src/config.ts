@@ -33,6 +33,12 @@ export interface RefreshConfig {
   readonly minBackoffSeconds: number;
   /** Upper bound of the retry delay. */
   readonly maxBackoffSeconds: number;
+  /**
+   * Backend statuses that mean "this token was refused" (Kong's and APIM's habit is [401]): the
+   * token is replaced at once, at most once per minBackoffSeconds. Needs the route to send
+   * response headers to the sidecar.
+   */
+  readonly onBackendStatus: readonly number[];
 }
 
 /** The proxy for token endpoints, from HTTPS_PROXY / HTTP_PROXY / NO_PROXY (either case). */
@@ -288,13 +294,14 @@ function parseProfile(v: Validator, name: string, raw: unknown, env: NodeJS.Proc
     v.problem(`${at}.failureStatus`, `must be one of ${FAILURE_STATUSES.join(', ')}`);
   }
 
-  const r = v.object(p.refresh, `${at}.refresh`, ['share', 'jitter', 'marginSeconds', 'minBackoffSeconds', 'maxBackoffSeconds']);
+  const r = v.object(p.refresh, `${at}.refresh`, ['share', 'jitter', 'marginSeconds', 'minBackoffSeconds', 'maxBackoffSeconds', 'onBackendStatus']);
   const refresh: RefreshConfig = {
     share: v.number(r?.share, `${at}.refresh.share`, { default: 0.5, min: 0.05, max: 0.95 }),
     jitter: v.number(r?.jitter, `${at}.refresh.jitter`, { default: 0.05, min: 0, max: 0.25 }),
     marginSeconds: v.number(r?.marginSeconds, `${at}.refresh.marginSeconds`, { default: 30, min: 0, max: 3600 }),
     minBackoffSeconds: v.number(r?.minBackoffSeconds, `${at}.refresh.minBackoffSeconds`, { default: 1, min: 0.05, max: 3600 }),
     maxBackoffSeconds: v.number(r?.maxBackoffSeconds, `${at}.refresh.maxBackoffSeconds`, { default: 60, min: 0.05, max: 3600 }),
+    onBackendStatus: backendStatuses(v, r?.onBackendStatus, `${at}.refresh.onBackendStatus`),
   };
   if (refresh.maxBackoffSeconds < refresh.minBackoffSeconds) {
     v.problem(`${at}.refresh.maxBackoffSeconds`, 'must not be smaller than minBackoffSeconds');
@@ -327,6 +334,21 @@ function parseProfile(v: Validator, name: string, raw: unknown, env: NodeJS.Proc
     failureStatus,
     refresh,
   };
+}
+
+/** `refresh.onBackendStatus`: a list of HTTP statuses a backend answers with (400–599). */
+function backendStatuses(v: Validator, value: unknown, path: string): number[] {
+  if (value === undefined || value === null) return [];
+  if (!Array.isArray(value)) {
+    v.problem(path, 'must be a list of HTTP statuses, e.g. [401]');
+    return [];
+  }
+  const statuses = new Set<number>();
+  value.forEach((item: unknown, i: number) => {
+    const status = v.number(item, `${path}[${i}]`, { default: 0, min: 400, max: 599, integer: true });
+    if (status >= 400 && status <= 599 && Number.isInteger(status)) statuses.add(status);
+  });
+  return [...statuses];
 }
 
 function definedOnly<T extends Record<string, unknown>>(fields: T): Partial<T> {
@@ -370,6 +392,7 @@ export function describeConfig(config: Config): string {
     lines.push(`  onFailure: ${p.onFailure}${p.onFailure === 'deny' ? ` (HTTP ${p.failureStatus})` : ''}`);
     lines.push(`  timeoutSeconds: ${p.timeoutMs / 1000}`);
     lines.push(`  refresh: at ${p.refresh.share} of the lifetime (±${p.refresh.jitter}), margin ${p.refresh.marginSeconds}s, backoff ${p.refresh.minBackoffSeconds}s..${p.refresh.maxBackoffSeconds}s`);
+    if (p.refresh.onBackendStatus.length > 0) lines.push(`  refresh.onBackendStatus: ${p.refresh.onBackendStatus.join(', ')} (a new token when the backend answers so)`);
   }
   if (config.warnings.length > 0) {
     lines.push(`warnings (${config.warnings.length}):`);

@@ -19,6 +19,8 @@ export const PROFILE_METADATA_KEY = 'x-oauth2-profile';
 export interface TokenProvider {
   /** A usable token now, or undefined. Synchronous: called once per HTTP request. */
   current(): Token | undefined;
+  /** The backend answered a request that carried `token` with a refresh.onBackendStatus status. */
+  rejected?(token: Token, status: number): void;
 }
 
 export interface ProfileBinding {
@@ -81,6 +83,16 @@ class ProfileAnswer {
     return this.outcome;
   }
 
+  /** The token the last answer carried (the one a request just answered now carries). */
+  get lastToken(): Token | undefined {
+    return this.token;
+  }
+
+  /** refresh.onBackendStatus: the backend refused the token a request carried. */
+  backendAnswered(token: Token, status: number): void {
+    if (this.config.refresh.onBackendStatus.includes(status)) this.tokens.rejected?.(token, status);
+  }
+
   /**
    * The prebuilt reply, unless this request needs more: almost every request has no other
    * spelling of a removed header and nothing in its query that could be a removed parameter
@@ -128,6 +140,11 @@ export class ExtProcService {
   private readonly unknownProfilesLogged = new Set<string>();
   private readonly unknownProfileCounts = new Map<string, number>();
   private openStreams = 0;
+  /**
+   * The token each stream's request carried, kept only for profiles with refresh.onBackendStatus
+   * (their routes send response headers too), until the response headers say how it was taken.
+   */
+  private readonly carried = new WeakMap<Call, Token>();
 
   constructor(options: { profiles: readonly ProfileBinding[]; logger: Logger; metrics: Metrics }) {
     for (const p of options.profiles) this.answers.set(p.config.name, new ProfileAnswer(p.config, p.tokens));
@@ -198,6 +215,7 @@ export class ExtProcService {
       return;
     }
     if (kind !== 'request_headers') {
+      if (kind === 'response_headers' && answer !== undefined) this.responseHeaders(call, request, answer);
       call.write(EMPTY_REPLIES.get(kind)!);
       return;
     }
@@ -215,7 +233,19 @@ export class ExtProcService {
     }
     const reply = answer.answer(request);
     call.write(reply);
+    if (answer.config.refresh.onBackendStatus.length > 0 && answer.lastToken !== undefined) this.carried.set(call, answer.lastToken);
     if (this.logger.isLevelEnabled('debug')) this.logRequest(request, profileName, answer.outcomeName);
+  }
+
+  /** A route that sends response headers: did the backend refuse the token this request carried? */
+  private responseHeaders(call: Call, request: PeekedRequest, answer: ProfileAnswer): void {
+    const token = this.carried.get(call);
+    if (token === undefined) return;
+    this.carried.delete(call);
+    const headers: Array<{ key?: string; value?: string; raw_value?: Buffer }> = decodeRequest(request.bytes).response_headers?.headers?.headers ?? [];
+    const header = headers.find((h) => h.key === ':status');
+    const status = header === undefined ? NaN : Number(headerValue(header));
+    if (Number.isInteger(status)) answer.backendAnswered(token, status);
   }
 
   private logRequest(request: PeekedRequest, profile: string, outcome: RequestOutcome): void {

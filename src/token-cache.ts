@@ -53,6 +53,8 @@ export class TokenCache {
   /** A fetch has ended (with a token or not) since start(). */
   #tried = false;
   #lastError: TokenFetchError | undefined;
+  /** A backend's refusal (refresh.onBackendStatus) starts no fetch before this. */
+  #rejectionNotBefore = 0;
 
   constructor(options: TokenCacheOptions) {
     this.#profile = options.profile;
@@ -101,6 +103,23 @@ export class TokenCache {
     if (this.#inFlight !== undefined) return this.#inFlight;
     if (this.#clock.now() < this.#retryNotBefore) return Promise.resolve(this.current());
     return this.#fetch();
+  }
+
+  /**
+   * A backend answered a request that carried `token` with one of refresh.onBackendStatus: fetch
+   * a new token now, single flight, at most once per minBackoffSeconds, so a backend that refuses
+   * every token cannot make the sidecar hammer the IdP. The refused token is replaced when the
+   * new one arrives, not withdrawn before: denying requests in the meantime would not help them,
+   * and readiness would flap with every 401. Returns whether a fetch was started (or joined).
+   */
+  rejected(token: Token, status: number): boolean {
+    if (this.#stopped || token !== this.#token) return false; // already replaced
+    const now = this.#clock.now();
+    if (now < this.#rejectionNotBefore) return false;
+    this.#rejectionNotBefore = now + this.#profile.refresh.minBackoffSeconds * 1000;
+    this.#logger.info({ profile: this.#profile.name, status }, 'the backend refused the token: fetching a new one');
+    void this.refresh();
+    return true;
   }
 
   /**

@@ -58,7 +58,7 @@ test('the DESIGN.md example works as written, with every default filled in', () 
       removeQueryParameters: ['subscription-key'],
       onFailure: 'deny',
       failureStatus: 503,
-      refresh: { share: 0.5, jitter: 0.05, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60 },
+      refresh: { share: 0.5, jitter: 0.05, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60, onBackendStatus: [] },
     },
   );
   assert.deepEqual(config.server, { grpc: '127.0.0.1:9001', admin: '127.0.0.1:9002', shutdownGraceSeconds: 10, workers: 1, streamIdleSeconds: 60 });

@@ -35,7 +35,7 @@ function profile(refresh: Partial<RefreshConfig> = {}, overrides: Partial<Profil
     removeQueryParameters: ['subscription-key'],
     onFailure: 'deny',
     failureStatus: 503,
-    refresh: { share: 0.5, jitter: 0, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60, ...refresh },
+    refresh: { share: 0.5, jitter: 0, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60, onBackendStatus: [], ...refresh },
     ...overrides,
   };
 }

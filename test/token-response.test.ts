@@ -168,7 +168,7 @@ function profile(clientAuth: ClientAuth): ProfileConfig {
     removeQueryParameters: ['subscription-key'],
     onFailure: 'deny',
     failureStatus: 503,
-    refresh: { share: 0.5, jitter: 0, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60 },
+    refresh: { share: 0.5, jitter: 0, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60, onBackendStatus: [] },
   };
 }
 

@@ -52,7 +52,7 @@ function profile(client: TestClient, overrides: Partial<ProfileConfig> = {}): Pr
     removeQueryParameters: ['subscription-key'],
     onFailure: 'deny',
     failureStatus: 503,
-    refresh: { share: 0.5, jitter: 0.05, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60 },
+    refresh: { share: 0.5, jitter: 0.05, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60, onBackendStatus: [] },
     ...overrides,
   };
 }
