@@ -1,8 +1,11 @@
 // The query-name rule of docs/query-names.md, one case per rule, then checked against the real
-// parsers this machine has (PHP, Python, Node, Ruby Rack): whatever one of them reads as a
+// parsers this machine has (PHP, Python, Go, Node, Ruby Rack): whatever one of them reads as a
 // removed name must be removed.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import querystring from 'node:querystring';
 import { test } from 'node:test';
 import { HeaderNamePolicy, headerNameKey } from '../src/policy/header-names.ts';
@@ -116,6 +119,10 @@ test('mayMatch: the hot path\'s look lets a plain query through, and sees every 
     assert.equal(underscored.mayMatch(`${raw}=1`), true, raw);
   }
   assert.equal(underscored.isRemoved('api'), false);
+  // A name with a dot: qs without allowDots reads `api.key[0]` as `api.key`, PHP as `api_key`.
+  const dotted = new QueryNamePolicy(['api.key']);
+  for (const raw of ['api.key', 'api.key[0]', '[api.key]', 'api_key', 'api+key']) assert.equal(dotted.isRemoved(raw), true, raw);
+  assert.equal(dotted.isRemoved('api'), false);
 });
 
 test('normalizedQueryNames and the folds it uses', () => {
@@ -153,11 +160,45 @@ function run(cmd: string, args: string[], input: string): string[][] | undefined
   return r.stdout.trim().split('\n').map((line) => JSON.parse(line) as string[]);
 }
 
+const GO_PROGRAM = `package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+)
+
+func main() {
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		v, _ := url.ParseQuery(in.Text())
+		names := []string{}
+		for k := range v {
+			names = append(names, strings.ToValidUTF8(k, "?"))
+		}
+		out, _ := json.Marshal(names)
+		fmt.Println(string(out))
+	}
+}
+`;
+
 /** What each parser that runs here reads as the names of `?<spelling>=1`, per spelling. */
 const PARSERS: Record<string, (queries: string[]) => string[][] | undefined> = {
   'PHP parse_str': (qs) => run('php', ['-r', 'while (($l = fgets(STDIN)) !== false) { parse_str(rtrim($l, "\\n"), $o); echo json_encode(array_map("strval", array_keys($o)), JSON_INVALID_UTF8_SUBSTITUTE), "\\n"; }'], qs.join('\n') + '\n'),
   'Python parse_qsl': (qs) => run('python3', ['-c', 'import sys, json, urllib.parse as u\nfor l in sys.stdin.read().split("\\n")[:-1]: print(json.dumps([k for k, v in u.parse_qsl(l, keep_blank_values=True)]))'], qs.join('\n') + '\n'),
   'Rack parse_nested_query': (qs) => run('ruby', ['-rrack', '-rjson', '-e', 'STDIN.read.split("\\n").each { |l| k = (Rack::Utils.parse_nested_query(l).keys rescue []); puts JSON.generate(k.map { |x| x.to_s.scrub }) }'], qs.join('\n') + '\n'),
+  'Go net/url.ParseQuery': (qs) => {
+    const dir = mkdtempSync(join(tmpdir(), 'query-names-go-'));
+    try {
+      writeFileSync(join(dir, 'main.go'), GO_PROGRAM);
+      return run('go', ['run', join(dir, 'main.go')], qs.join('\n') + '\n');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  },
   'Node URLSearchParams': (qs) => qs.map((q) => [...new URLSearchParams(q).keys()]),
   'Node querystring': (qs) => qs.map((q) => Object.keys(querystring.parse(q))),
 };

@@ -94,13 +94,13 @@ export function phpName(name: string): string {
 }
 
 /**
- * The name before any nesting syntax: leading `[`, `]`, `.` dropped (Rack 2, qs), then cut at
- * the first `[`, `]` or `.` (array and hash suffixes in PHP, Rack, qs, ASP.NET and Spring
- * binding; qs `allowDots` and property paths).
+ * The name before nesting syntax: leading `[`, `]` dropped (Rack 2, qs), then cut at the first
+ * `[` or `]` (array and hash suffixes in PHP, Rack, qs, ASP.NET and Spring binding); with `dots`,
+ * `.` counts as nesting too (qs `allowDots`, ASP.NET and Spring property paths).
  */
-function baseName(name: string): string {
-  const s = name.replace(/^[[\].]+/, '');
-  const cut = s.search(/[[\].]/);
+function baseName(name: string, dots: boolean): string {
+  const s = name.replace(dots ? /^[[\].]+/ : /^[[\]]+/, '');
+  const cut = s.search(dots ? /[[\].]/ : /[[\]]/);
   return cut < 0 ? s : s.slice(0, cut);
 }
 
@@ -115,7 +115,8 @@ function readingsOf(text: string, into: Set<string>): void {
     // Spring's WebDataBinder reads `!name` as a default value for `name`.
     for (const t of trimmed.startsWith('!') ? [trimmed, trimmed.slice(1)] : [trimmed]) {
       into.add(foldName(t));
-      into.add(foldName(baseName(t).replace(EDGE_JUNK, '')));
+      into.add(foldName(baseName(t, false).replace(EDGE_JUNK, '')));
+      into.add(foldName(baseName(t, true).replace(EDGE_JUNK, '')));
     }
   }
 }
