@@ -15,6 +15,7 @@ import { ExtProcService, type ProfileBinding } from './ext-proc-service.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics } from './metrics.ts';
 import { extProcService, SERVICE_NAME } from './protocol.ts';
+import { authzService, ExtAuthzService } from './protocols/ext-authz.ts';
 import { SdsService, sdsService } from './protocols/sds.ts';
 
 /**
@@ -110,6 +111,7 @@ export class GrpcListener {
     setHttp2Options(this.server, { streamResetBurst: LIMITS.resetBurst, streamResetRate: LIMITS.resetRate });
     this.server.addService(extProcService, { Process: (call: Call) => this.admit(call) });
     this.server.addService(sdsService, new SdsService(options).handlers);
+    this.server.addService(authzService, new ExtAuthzService(options).handlers);
     this.health.addToServer(this.server);
     this.injector = this.server.createConnectionInjector(ServerCredentials.createInsecure());
     this.sweeper = setInterval(() => this.sweep(), SWEEP_MS).unref();

@@ -1,0 +1,179 @@
+// ext_authz: Envoy's `Authorization/Check`, for proxies that offer ext_authz but not ext_proc
+// (Istio's CUSTOM AuthorizationPolicy, Envoy Gateway's SecurityPolicy.extAuth). One check per
+// request; the answer sets the token header and removes the subscription key, as the ext_proc
+// answer does, from the same policies (src/policy/) and the same deny body (header-mutation.ts).
+//
+// Envoy 1.40 facts (DESIGN.md, "Ways Envoy takes the token"): `query_parameters_to_remove`
+// matches a parameter's raw name exactly and splits the query at `&` only, so the answer lists
+// each raw name the request carries; OK headers carry `append: false` explicitly (newer Envoys
+// fall back to `append_action`, whose default appends).
+import { status as grpcStatus, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
+import type { ProfileConfig } from '../config.ts';
+import { DEFAULT_PROFILE } from '../config.ts';
+import { describeError, type DenyReason } from '../errors.ts';
+import { deny } from '../header-mutation.ts';
+import type { Logger } from '../logger.ts';
+import { HeaderNamePolicy } from '../policy/header-names.ts';
+import { QueryNamePolicy, type ByteString } from '../policy/query-names.ts';
+import type { Token } from '../token.ts';
+import { loadService } from './wire.ts';
+
+export const AUTHZ_SERVICE_NAME = 'envoy.service.auth.v3.Authorization';
+export const authzService = loadService('envoy/service/auth/v3/external_auth.proto', AUTHZ_SERVICE_NAME);
+/** The context extension (per route in Envoy: `check_settings.context_extensions`) naming the profile. */
+export const PROFILE_EXTENSION = 'x-oauth2-profile';
+
+export interface AuthzBinding {
+  readonly config: ProfileConfig;
+  readonly tokens: { current(): Token | undefined };
+}
+
+interface CheckRequest {
+  attributes?: {
+    request?: { http?: { headers?: Record<string, string>; header_map?: { headers?: Array<{ key?: string }> }; path?: string } };
+    context_extensions?: Record<string, string>;
+  };
+}
+
+interface HeaderOption {
+  header: { key: string; value: string };
+  append: { value: false };
+}
+
+export type CheckResponse =
+  | { status: { code: 0 }; ok_response: { headers: HeaderOption[]; headers_to_remove: string[]; query_parameters_to_remove: string[] } }
+  | { status: { code: number; message: string }; denied_response: { status: { code: number }; headers: HeaderOption[]; body: string } };
+
+/** gRPC status of each deny (Envoy denies on any non-OK; the HTTP status is denied_response's). */
+const DENY_CODES: Record<DenyReason, grpcStatus> = {
+  noToken: grpcStatus.UNAVAILABLE,
+  unknownProfile: grpcStatus.FAILED_PRECONDITION,
+  internal: grpcStatus.INTERNAL,
+};
+
+/** Names Envoy sent that are not configured: logged once each, up to this many. */
+const UNKNOWN_PROFILES_LOGGED = 100;
+
+/** The check answer for one profile. */
+class ProfilePolicy {
+  readonly config: ProfileConfig;
+  private readonly tokens: { current(): Token | undefined };
+  private readonly headerNames: HeaderNamePolicy;
+  private readonly queryNames: QueryNamePolicy;
+  private readonly denied: CheckResponse;
+
+  constructor(binding: AuthzBinding) {
+    this.config = binding.config;
+    this.tokens = binding.tokens;
+    this.headerNames = new HeaderNamePolicy([this.config.header, ...this.config.removeHeaders]);
+    this.queryNames = new QueryNamePolicy(this.config.removeQueryParameters);
+    this.denied = denial(this.config.failureStatus, 'noToken', this.config.name);
+  }
+
+  answer(request: CheckRequest): CheckResponse {
+    const token = this.tokens.current();
+    if (token === undefined && this.config.onFailure === 'deny') return this.denied;
+    const http = request.attributes?.request?.http ?? {};
+    const sent = http.headers !== undefined && Object.keys(http.headers).length > 0
+      ? Object.keys(http.headers)
+      : (http.header_map?.headers ?? []).map((h) => String(h.key ?? ''));
+    const remove = [...this.config.removeHeaders, ...this.headerNames.otherSpellings(sent)];
+    const headers: HeaderOption[] = [];
+    // With no token (onFailure: allow) the caller's own value goes, so it never passes as ours.
+    if (token === undefined) remove.push(this.config.header);
+    else headers.push(option(this.config.header, `${token.tokenType} ${token.accessToken}`));
+    return {
+      status: { code: 0 },
+      ok_response: { headers, headers_to_remove: remove, query_parameters_to_remove: this.removedParameters(http.path ?? '') },
+    };
+  }
+
+  /**
+   * The raw names, as Envoy splits the query (at `&`, name before the first `=`), of every
+   * parameter the query policy removes. A `;`-separated piece (a separator to Rack 2 and older
+   * Python) that is a removed one takes its whole `&` segment with it: Envoy cannot remove less.
+   */
+  private removedParameters(path: string): string[] {
+    const q = path.indexOf('?');
+    if (q < 0 || this.queryNames.empty) return [];
+    const query: ByteString = Buffer.from(path.slice(q + 1), 'utf8').toString('latin1');
+    if (!this.queryNames.mayMatch(query)) return [];
+    const names = new Set<string>();
+    for (const segment of query.split('&')) {
+      const removed = segment.split(';').some((piece) => {
+        const eq = piece.indexOf('=');
+        return this.queryNames.isRemoved(eq < 0 ? piece : piece.slice(0, eq));
+      });
+      if (!removed) continue;
+      const eq = segment.indexOf('=');
+      names.add(Buffer.from(eq < 0 ? segment : segment.slice(0, eq), 'latin1').toString('utf8'));
+    }
+    return [...names];
+  }
+}
+
+export class ExtAuthzService {
+  private readonly policies = new Map<string, ProfilePolicy>();
+  private readonly logger: Logger;
+  private readonly unknownLogged = new Set<string>();
+  private readonly internalError = denial(500, 'internal', '');
+
+  constructor(options: { profiles: readonly AuthzBinding[]; logger: Logger }) {
+    for (const binding of options.profiles) this.policies.set(binding.config.name, new ProfilePolicy(binding));
+    this.logger = options.logger;
+  }
+
+  /** The grpc-js handlers, for `server.addService(authzService, handlers)`. */
+  get handlers(): Record<string, (...args: any[]) => void> {
+    return { Check: this.check };
+  }
+
+  readonly check = (call: ServerUnaryCall<CheckRequest, CheckResponse>, callback: sendUnaryData<CheckResponse>): void => {
+    let response: CheckResponse;
+    try {
+      response = this.answer(call.request);
+    } catch (err) {
+      // Never an OK by accident: deny instead.
+      this.logger.error({ error: describeError(err) }, 'ext_authz check failed; request denied');
+      response = this.internalError;
+    }
+    callback(null, response);
+  };
+
+  answer(request: CheckRequest): CheckResponse {
+    const named = request.attributes?.context_extensions?.[PROFILE_EXTENSION];
+    const name = named === undefined || named === '' ? DEFAULT_PROFILE : named;
+    const policy = this.policies.get(name);
+    if (policy !== undefined) return policy.answer(request);
+    this.warnUnknown(name);
+    return denial(500, 'unknownProfile', name.slice(0, 64));
+  }
+
+  private warnUnknown(name: string): void {
+    if (this.unknownLogged.has(name) || this.unknownLogged.size >= UNKNOWN_PROFILES_LOGGED) return;
+    this.unknownLogged.add(name);
+    this.logger.warn(
+      { profile: name.slice(0, 100), contextExtension: PROFILE_EXTENSION, configured: [...this.policies.keys()] },
+      'an ext_authz check names a profile that is not configured: check the route\'s context_extensions; these requests are denied',
+    );
+  }
+}
+
+/** ext_proc's deny answer (same status, headers and JSON body) as a denied CheckResponse. */
+function denial(status: number, reason: DenyReason, profile: string): CheckResponse {
+  const reply = deny(status, reason, profile);
+  if (!('immediate_response' in reply)) throw new TypeError('deny() gave no immediate_response');
+  const { immediate_response: immediate } = reply;
+  return {
+    status: { code: DENY_CODES[reason], message: immediate.details },
+    denied_response: {
+      status: { code: immediate.status.code },
+      headers: (immediate.headers.set_headers ?? []).map((h) => option(h.header.key, h.header.raw_value.toString('utf8'))),
+      body: immediate.body.toString('utf8'),
+    },
+  };
+}
+
+function option(key: string, value: string): HeaderOption {
+  return { header: { key, value }, append: { value: false } };
+}
