@@ -12,6 +12,8 @@ const envoy = findEnvoy();
 // In CI a missing Envoy is a failure (.ci/run installs it); on a laptop, a skip with the hint.
 const skip = envoy === undefined && !process.env.CI ? ENVOY_MISSING : false;
 const SHIPPED = readdirSync(ENVOY_DIR).filter((f) => f.endsWith('.yaml')).sort();
+/** The other modes (docs/modes.md) have tests of their own: test/e2e/sds.test.ts, ext-authz.test.ts. */
+const EXT_PROC = SHIPPED.filter((f) => f !== 'envoy-sds.yaml' && f !== 'envoy-ext-authz.yaml');
 
 function validate(file: string): { code: number | null; output: string } {
   if (envoy === undefined) throw new Error(ENVOY_MISSING);
@@ -19,8 +21,8 @@ function validate(file: string): { code: number | null; output: string } {
   return { code: out.status, output: `${out.stdout}${out.stderr}` };
 }
 
-test('envoy/ ships the TCP, Unix socket and minimal configs', () => {
-  assert.deepEqual(SHIPPED, ['envoy-minimal.yaml', 'envoy-uds.yaml', 'envoy.yaml']);
+test('envoy/ ships the TCP, Unix socket and minimal configs, and one each for SDS and ext_authz', () => {
+  assert.deepEqual(SHIPPED, ['envoy-ext-authz.yaml', 'envoy-minimal.yaml', 'envoy-sds.yaml', 'envoy-uds.yaml', 'envoy.yaml']);
 });
 
 for (const file of SHIPPED) {
@@ -54,7 +56,7 @@ function cluster(doc: any, name: string): any {
   return doc.static_resources.clusters.find((c: any) => c.name === name);
 }
 
-for (const file of SHIPPED) {
+for (const file of EXT_PROC) {
   test(`${file}: ext_proc before the router, fail closed, request headers only`, () => {
     const doc = loadShippedConfig(file);
     const hcm = doc.static_resources.listeners[0].filter_chains[0].filters[0].typed_config;
