@@ -59,7 +59,10 @@ export class TokenConnection {
         connect,
         // Through a CONNECT tunnel the origin's TLS is set up with these.
         requestTls: connect,
-      })
+        // Plain http goes in absolute form, as curl sends it (proxies often refuse CONNECT to
+        // port 80); https is always a CONNECT tunnel.
+        proxyTunnel: false,
+      } as EnvHttpProxyAgent.Options)
       : new Agent({ ...KEEP_ALIVE, connect });
     const old = this.#built?.dispatcher;
     this.#built = { fingerprint, dispatcher };
