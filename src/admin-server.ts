@@ -22,7 +22,7 @@ export async function startAdminServer(options: {
     if (path === '/healthz') {
       res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
     } else if (path === '/readyz') {
-      const details = readiness.details();
+      const details = readiness.check();
       res.writeHead(details.ready ? 200 : 503, { 'content-type': 'application/json' }).end(`${JSON.stringify(details)}\n`);
     } else if (path === '/metrics') {
       metricsText().then(

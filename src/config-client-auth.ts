@@ -276,8 +276,8 @@ export function isLoopback(host: string): boolean {
   return h === 'localhost' || h.endsWith('.localhost') || h === '::1' || /^127\.\d+\.\d+\.\d+$/.test(h);
 }
 
-/** Reads the key now and says what check-config may show about it (type, certificate facts). */
-export function checkAssertionKeys(profile: ProfileConfig): string[] {
+/** Reads the key and certificate now and says what check-config may show of them: key type, subject, thumbprints. */
+export function describeKeys(profile: ProfileConfig): string[] {
   const lines: string[] = [];
   try {
     if (profile.privateKey !== undefined) {

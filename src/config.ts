@@ -5,7 +5,7 @@ import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
 import { LineCounter, parseDocument } from 'yaml';
 import { ASSERTION_ALGORITHMS, type AssertionAlgorithm } from './client-auth/keys.ts';
-import { checkAssertionKeys, CLIENT_AUTH_KEYS, isLoopback, parseClientAuth } from './config-client-auth.ts';
+import { describeKeys, CLIENT_AUTH_KEYS, isLoopback, parseClientAuth } from './config-client-auth.ts';
 import { isPlainObject, Validator } from './config-validator.ts';
 import { ConfigError, type ConfigProblem } from './errors.ts';
 
@@ -324,8 +324,8 @@ function parseProfile(v: Validator, name: string, raw: unknown, env: NodeJS.Proc
     audience,
     extraParams,
     timeoutMs: Math.round(v.number(p.timeoutSeconds, `${at}.timeoutSeconds`, { default: 20, min: 0.1, max: 300 }) * 1000),
-    // Envoy 1.40 with the shipped config first refused a 61.3 KB value (max_request_headers_kb 60,
-    // the caller's headers included): 16 KiB leaves the caller 44 KiB and is ext_proc's HeaderValue cap.
+    // Envoy 1.40 with the shipped config passed a 61,227-byte value and refused 61,247 bytes
+    // (max_request_headers_kb 60, for all headers): 16 KiB leaves the caller's own headers 44 KiB.
     maxTokenBytes: v.number(p.maxTokenBytes, `${at}.maxTokenBytes`, { default: 16_384, min: 256, max: 1_048_576, integer: true }),
     header: header ?? 'authorization',
     removeHeaders: [...removeHeaders],
@@ -419,12 +419,12 @@ function describeClientAuth(p: ProfileConfig): string[] {
       lines.push(`clientSecret: (set, ${read(p.clientSecret).length} characters)`);
       break;
     case 'private_key_jwt':
-      lines.push(`clientId: ${read(p.clientId)}`, ...checkAssertionKeys(p));
+      lines.push(`clientId: ${read(p.clientId)}`, ...describeKeys(p));
       if (p.keyId !== undefined) lines.push(`keyId: ${p.keyId}`);
       lines.push(`assertion: aud ${p.assertion?.audience ?? p.tokenUrl}, lifetime ${p.assertion?.lifetimeSeconds ?? 300}s`);
       break;
     case 'tls_client_auth':
-      lines.push(`clientId: ${read(p.clientId)}`, ...checkAssertionKeys(p));
+      lines.push(`clientId: ${read(p.clientId)}`, ...describeKeys(p));
       break;
     case 'workload_identity':
       lines.push(`clientId: ${read(p.clientId)}`, `tokenFile: ${p.tokenFile ?? ''} (read at every fetch, contents not shown)`);

@@ -104,6 +104,14 @@ export class SecretReadError extends TokenFetchError {
   }
 }
 
+/** The credentials could not be built from what was read (signing refused by jose or node:crypto). */
+export class ClientAuthError extends TokenFetchError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('OAUTH2_ERR_CLIENT_AUTH', message, options);
+    this.name = 'ClientAuthError';
+  }
+}
+
 /**
  * What Envoy is told when a stream cannot get credentials. One table, so the status, the
  * stable code in the JSON body and the `details` Envoy logs stay consistent.

@@ -9,6 +9,23 @@ export type RequestOutcome = 'injected' | 'denied' | 'allowed_without_token' | '
 export type RequestCounts = () => Iterable<readonly [profile: string, outcome: RequestOutcome, count: number]>;
 export type FetchResult = 'success' | 'error';
 
+/** Outcomes a configured profile's requests can have (unknown_profile is counted by name). */
+const PROFILE_OUTCOMES: readonly RequestOutcome[] = ['injected', 'denied', 'allowed_without_token'];
+/**
+ * The codes a token fetch fails with (errors.ts), each series created at zero for every profile.
+ * A code not listed here is still counted, from its first occurrence.
+ */
+const FETCH_ERROR_CODES = [
+  'OAUTH2_ERR_TOKEN_NETWORK', 'OAUTH2_ERR_TOKEN_TIMEOUT', 'OAUTH2_ERR_TOKEN_STATUS', 'OAUTH2_ERR_TOKEN_RESPONSE',
+  'OAUTH2_ERR_SECRET', 'OAUTH2_ERR_UNEXPECTED',
+] as const;
+
+/** The worker pool as /metrics sees it (server.workers above 1). */
+export interface WorkerCounts {
+  serving(): number;
+  restarts(): number;
+}
+
 export class Metrics {
   readonly registry: Registry;
   readonly requests: Counter<'profile' | 'outcome'>;
@@ -20,6 +37,7 @@ export class Metrics {
   private readonly sources = {
     openStreams: (): number => 0,
     requests: (() => []) as RequestCounts,
+    profiles: new Set<string>(),
     expiry: new Map<string, () => number | undefined>(),
   };
 
@@ -38,7 +56,11 @@ export class Metrics {
       // more than half of the handler's own 0.32 µs.
       collect() {
         this.reset();
-        for (const [profile, outcome, count] of sources.requests()) if (count > 0) this.inc({ profile, outcome }, count);
+        // Every configured profile × outcome exists at zero from the start (also in a primary
+        // whose workers count the requests: the sum over processes is the same), so that
+        // `increase(...{outcome="denied"}[5m]) > 0` sees the first denials after a restart.
+        for (const profile of sources.profiles) for (const outcome of PROFILE_OUTCOMES) this.inc({ profile, outcome }, 0);
+        for (const [profile, outcome, count] of sources.requests()) this.inc({ profile, outcome }, count);
       },
     });
     this.tokenFetches = new Counter({
@@ -76,6 +98,39 @@ export class Metrics {
       },
     });
 
+  }
+
+  /**
+   * A configured profile: its request, fetch and latency series exist at zero from now on,
+   * rather than appearing at their first use (an alert on their increase would miss it).
+   */
+  declareProfile(profile: string): void {
+    this.sources.profiles.add(profile);
+    this.tokenFetches.inc({ profile, result: 'success', code: '' }, 0);
+    for (const code of FETCH_ERROR_CODES) this.tokenFetches.inc({ profile, result: 'error', code }, 0);
+    this.tokenFetchSeconds.zero({ profile });
+  }
+
+  /** server.workers above 1: how many serve, and how often one was started again. */
+  observeWorkers(source: WorkerCounts): void {
+    const registers = [this.registry];
+    new Gauge({
+      name: 'oauth2_extproc_workers_serving',
+      help: 'Worker processes listening on the ext_proc port',
+      registers,
+      collect() {
+        this.set(source.serving());
+      },
+    });
+    new Counter({
+      name: 'oauth2_extproc_worker_restarts_total',
+      help: 'Worker processes started again after one exited',
+      registers,
+      collect() {
+        this.reset();
+        this.inc(source.restarts());
+      },
+    });
   }
 
   /** Open streams are read from the handler when scraped, not counted through prom-client. */

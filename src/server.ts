@@ -56,12 +56,22 @@ export class Sidecar {
         return token === undefined ? undefined : (token.expiresAt - clock.now()) / 1000;
       });
     }
+    if (config.server.workers > 1) {
+      this.pool = new WorkerPool({ count: config.server.workers, logger, tokens: () => this.tokenStates(), onChange: () => this.readiness.update() });
+      this.metrics.observeWorkers(this.pool);
+    }
+    // One readiness, read by /readyz and pushed to gRPC health here or in every worker.
     this.readiness = new Readiness(
-      [...this.caches].map(([name, cache]) => ({ name, hasToken: () => cache.current() !== undefined })),
+      [...this.caches].map(([name, cache]) => ({
+        name,
+        failOpen: config.profiles[name]!.onFailure === 'allow',
+        hasToken: () => cache.current() !== undefined,
+        tried: () => cache.tried,
+      })),
+      { workers: this.pool },
     );
 
-    if (config.server.workers > 1) {
-      this.pool = new WorkerPool({ count: config.server.workers, logger, tokens: () => this.tokenStates() });
+    if (this.pool !== undefined) {
       for (const [name, cache] of this.caches) {
         cache.onChange(() => this.pool!.broadcastToken(name, { token: cache.current(), usableUntil: cache.usableUntil }));
       }
@@ -75,10 +85,25 @@ export class Sidecar {
       });
       this.readiness.onChange((ready) => this.listener!.setServing(ready));
     }
-    for (const cache of this.caches.values()) cache.onChange(() => this.readiness.update());
+    for (const cache of this.caches.values()) {
+      cache.onChange(() => this.readiness.update());
+      cache.onFetchEnd(() => this.readiness.update()); // a fail-open profile is ready once it tried
+    }
+    // Not ready at start, while the first fetches are in flight, is normal and logs nothing; a
+    // failed fetch logs its own warning. Losing readiness after having had it is what warns here.
+    let wasReady = false;
     this.readiness.onChange((ready) => {
-      if (ready) this.logger.info({ profiles: [...this.caches.keys()] }, 'ready: every profile holds a token');
-      else if (!this.readiness.isDraining()) this.logger.warn(this.readiness.details(), 'not ready: a profile has no usable token');
+      const details = this.readiness.details();
+      const missing = Object.keys(details.profiles).filter((name) => details.profiles[name] === 'no_token');
+      if (ready && missing.length === 0) {
+        this.logger.info({ profiles: [...this.caches.keys()] }, 'ready: every profile holds a token');
+      } else if (ready) {
+        this.logger.warn({ ...details, withoutToken: missing }, 'ready: serving, but an onFailure: allow profile has no token (its requests continue without one)');
+      } else if (wasReady && !this.readiness.isDraining()) {
+        const why = details.workers?.serving === 0 ? 'no worker is serving' : 'a profile has no usable token';
+        this.logger.warn(details, `not ready: ${why}`);
+      }
+      wasReady ||= ready;
     });
   }
 

@@ -36,6 +36,7 @@ export class TokenCache {
   readonly #clock: Clock;
   readonly #random: () => number;
   readonly #listeners = new Set<TokenListener>();
+  readonly #fetchEndListeners = new Set<(error: TokenFetchError | undefined) => void>();
 
   #token: Token | undefined;
   /** current() hands out #token while the clock is before this (ms since the epoch). */
@@ -63,6 +64,8 @@ export class TokenCache {
     this.#metrics = options.metrics;
     this.#clock = options.clock ?? systemClock;
     this.#random = options.random ?? Math.random;
+    // Every series at zero from the start, so `increase(...) > 0` sees the first failure.
+    this.#metrics.declareProfile(this.#profile.name);
   }
 
   /** Whether the first fetch has ended, with a token or an error: fail-open readiness waits for it. */
@@ -133,6 +136,13 @@ export class TokenCache {
     this.#fetchTimer = undefined;
     this.#expiryTimer = undefined;
     this.#listeners.clear();
+    this.#fetchEndListeners.clear();
+  }
+
+  /** Called after each fetch ends: with its error, or undefined once its token is handed out. */
+  onFetchEnd(listener: (error: TokenFetchError | undefined) => void): () => void {
+    this.#fetchEndListeners.add(listener);
+    return () => this.#fetchEndListeners.delete(listener);
   }
 
   /** Called with each new token, and with undefined when the held one stops being usable. */
@@ -217,6 +227,7 @@ export class TokenCache {
       }, 'token fetched');
     } finally {
       this.#notify(token);
+      this.#fetchEnded(undefined);
     }
   }
 
@@ -251,6 +262,7 @@ export class TokenCache {
       retryInSeconds: seconds(delay),
       tokenValidForSeconds: held === undefined ? undefined : seconds(this.#usableUntil - now),
     }, 'token fetch failed');
+    this.#fetchEnded(err);
   }
 
   #expired(token: Token): void {
@@ -262,6 +274,16 @@ export class TokenCache {
       code: this.#lastError?.code,
     }, 'no usable token: the last one reached its expiry margin');
     this.#notify(undefined);
+  }
+
+  #fetchEnded(error: TokenFetchError | undefined): void {
+    for (const listener of [...this.#fetchEndListeners]) {
+      try {
+        listener(error);
+      } catch (err) {
+        this.#logger.error({ profile: this.#profile.name, error: describeError(err) }, 'token listener failed');
+      }
+    }
   }
 
   #notify(token: Token | undefined): void {

@@ -8,7 +8,7 @@ import { clientAuthMethods, type ClientAuthMethod, type Credentials } from './cl
 import { readSecret } from './client-auth/read.ts';
 import { systemClock, type Clock } from './clock.ts';
 import type { ProfileConfig } from './config.ts';
-import { TokenEndpointError, TokenFetchError, TokenNetworkError, TokenResponseError, TokenTimeoutError } from './errors.ts';
+import { ClientAuthError, TokenEndpointError, TokenFetchError, TokenNetworkError, TokenResponseError, TokenTimeoutError } from './errors.ts';
 import type { Token } from './token.ts';
 import { TokenConnection } from './token-connection.ts';
 import { endpointError, MAX_BODY_BYTES, parseTokenResponse, readCapped } from './token-response.ts';
@@ -52,7 +52,7 @@ export class TokenSource {
     } catch (err) {
       if (err instanceof TokenFetchError) throw err;
       // jose or node:crypto refusing to sign: say so by code, never with the key.
-      throw new TokenFetchError('OAUTH2_ERR_CLIENT_AUTH', `profile ${profile.name}: cannot build the ${profile.clientAuth} credentials (${(err as { code?: string }).code ?? (err as Error).name})`, { cause: err });
+      throw new ClientAuthError(`profile ${profile.name}: cannot build the ${profile.clientAuth} credentials (${(err as { code?: string }).code ?? (err as Error).name})`, { cause: err });
     }
     this.#onCredentials?.(credentials.details);
     const exchange = credentials.exchange;

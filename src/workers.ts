@@ -30,20 +30,53 @@ export interface TokenState {
   usableUntil: number;
 }
 
+/** A worker that crashed is started again after this (doubling per crash in a row, up to the cap). */
+const RESPAWN_FIRST_MS = 100;
+const RESPAWN_MAX_MS = 30_000;
+/** A worker that ran this long before it exited starts its slot's crash count afresh. */
+const RESPAWN_STABLE_MS = 60_000;
+/** From this many crashes in a row, the log says the worker keeps crashing. */
+const CRASH_LOOP = 3;
+
+/** One of the `count` places a worker runs in; a replacement takes over its slot's history. */
+interface Slot {
+  crashesInARow: number;
+  startedAt: number;
+  timer: NodeJS.Timeout | undefined;
+}
+
 export class WorkerPool {
+  readonly configured: number;
   private readonly count: number;
   private readonly logger: Logger;
   private readonly tokens: () => Map<string, TokenState>;
+  private readonly onChange: () => void;
   private readonly workers = new Set<Worker>();
-  private serving = false;
+  private readonly slots = new Map<Worker, Slot>();
+  /** Workers that reported listening and have not exited. */
+  private readonly listening = new Set<Worker>();
+  private restartCount = 0;
+  private ready = false;
   private draining = false;
   private nextMetricsId = 0;
   private readonly pendingMetrics = new Map<number, { left: number; json: MetricsJson[]; done: (json: MetricsJson[]) => void }>();
 
-  constructor(options: { count: number; logger: Logger; tokens: () => Map<string, TokenState> }) {
+  constructor(options: { count: number; logger: Logger; tokens: () => Map<string, TokenState>; onChange?: () => void }) {
     this.count = options.count;
+    this.configured = options.count;
     this.logger = options.logger;
     this.tokens = options.tokens;
+    this.onChange = options.onChange ?? (() => {});
+  }
+
+  /** Workers listening on the port now (readiness needs one; /readyz and /metrics count them). */
+  serving(): number {
+    return this.listening.size;
+  }
+
+  /** Workers started again after one exited, since start. */
+  restarts(): number {
+    return this.restartCount;
   }
 
   /** Forks the workers; resolves with the bound address once every one listens. */
@@ -51,16 +84,24 @@ export class WorkerPool {
     return new Promise((resolve, reject) => {
       let listening = 0;
       let settled = false;
+      /** A bind failure or an early crash rejected start(): nothing is started again. */
+      let failed = false;
       const onMessage = (worker: Worker, message: ToPrimary): void => {
         if (message.t === 'hello') {
           // A new worker (or a replacement) gets the current tokens and readiness at once.
           for (const [profile, state] of this.tokens()) this.sendToken(worker, profile, state);
-          send(worker, { t: 'serving', ready: this.serving });
-        } else if (message.t === 'listening' && !settled && ++listening === this.count) {
-          settled = true;
-          resolve(message.address);
+          send(worker, { t: 'serving', ready: this.ready });
+        } else if (message.t === 'listening') {
+          this.listening.add(worker);
+          this.logger.info({ pid: worker.process.pid, serving: this.listening.size, configured: this.count }, 'worker listening');
+          if (!settled && ++listening === this.count) {
+            settled = true;
+            resolve(message.address);
+          }
+          this.onChange();
         } else if (message.t === 'bind-failed' && !settled) {
           settled = true;
+          failed = true;
           reject(new Error(message.message));
         } else if (message.t === 'metrics') {
           const pending = this.pendingMetrics.get(message.id);
@@ -82,11 +123,36 @@ export class WorkerPool {
             pending.done(pending.json);
           }
         }
-        if (this.draining || !settled) return;
-        this.logger.error({ pid: worker.process.pid, code, signal }, 'a worker exited; starting another');
-        this.fork();
+        const wasListening = this.listening.delete(worker);
+        const slot = this.slots.get(worker);
+        this.slots.delete(worker);
+        if (wasListening) this.onChange();
+        if (this.draining || failed || slot === undefined) return;
+        if (!settled) {
+          // A crash before listening: the start fails, it does not loop.
+          settled = true;
+          failed = true;
+          reject(new Error(`a worker exited before it listened (${signal ?? `code ${code}`})`));
+          return;
+        }
+        // A crash right after a crash waits longer each time, so a worker that cannot run does not
+        // turn into a fork loop; one that ran for a while is replaced at once.
+        slot.crashesInARow = Date.now() - slot.startedAt >= RESPAWN_STABLE_MS ? 1 : slot.crashesInARow + 1;
+        const delay = Math.min(RESPAWN_MAX_MS, RESPAWN_FIRST_MS * 2 ** Math.min(slot.crashesInARow - 1, 20));
+        const looping = slot.crashesInARow >= CRASH_LOOP;
+        this.logger.error({
+          pid: worker.process.pid, code, signal, crashesInARow: slot.crashesInARow, restartInSeconds: delay / 1000,
+          serving: this.listening.size, configured: this.count,
+        }, looping ? 'a worker keeps crashing; starting another after a backoff' : 'a worker exited; starting another');
+        slot.timer = setTimeout(() => {
+          slot.timer = undefined;
+          if (this.draining) return;
+          this.restartCount++;
+          this.fork(slot);
+        }, delay);
+        slot.timer.unref();
       });
-      for (let i = 0; i < this.count; i++) this.fork();
+      for (let i = 0; i < this.count; i++) this.fork({ crashesInARow: 0, startedAt: 0, timer: undefined });
     });
   }
 
@@ -96,7 +162,7 @@ export class WorkerPool {
   }
 
   setServing(ready: boolean): void {
-    this.serving = ready;
+    this.ready = ready;
     for (const worker of this.workers) send(worker, { t: 'serving', ready });
   }
 
@@ -129,8 +195,10 @@ export class WorkerPool {
     await Promise.all(exits);
   }
 
-  private fork(): void {
+  private fork(slot: Slot): void {
     const worker = cluster.fork();
+    slot.startedAt = Date.now();
+    this.slots.set(worker, slot);
     this.workers.add(worker);
   }
 

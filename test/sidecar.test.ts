@@ -89,6 +89,10 @@ profiles:
     assert.match(metrics, /oauth2_extproc_open_streams 0/);
   });
 
+  test('a healthy start logs no warning', () => {
+    assert.deepEqual(sidecar.logs().filter((l) => l.level !== 'info' && l.level !== 'debug' && l.level !== 'trace'), []);
+  });
+
   test('logs one line per token fetch, with profile, outcome, duration and expiry', async () => {
     const fetched = sidecar.logs().filter((l) => l.msg === 'token fetched');
     assert.equal(fetched.length, 1);
@@ -211,6 +215,118 @@ describe('logs at debug level', () => {
       assert.ok(!output.includes(secret), `the output contains a secret (${secret.slice(0, 6)}…)`);
       // Also not in part: the JWT's signature alone would be a leak.
       if (secret.split('.').length === 3) assert.ok(!output.includes(secret.split('.')[2]!));
+    }
+  });
+});
+
+/** One metric sample's value from a Prometheus exposition, or undefined when the series is absent. */
+function sample(metrics: string, series: string): number | undefined {
+  const line = metrics.split('\n').find((l) => l.startsWith(`${series} `));
+  return line === undefined ? undefined : Number(line.slice(series.length + 1));
+}
+
+describe('a fresh start', () => {
+  test('every request and fetch counter exists at zero before first use', async () => {
+    const server = await startOAuthServer();
+    server.override({ delayMs: 1000 }, { delayMs: 1000 });
+    // The secret from the environment, as the README says: a literal one would rightly warn.
+    const env = { CLIENT_SECRET: server.clients.post.clientSecret };
+    const secret = { clientSecret: '${CLIENT_SECRET}' };
+    const sidecar = await startSidecar({ config: { profiles: { default: profileFor(server, secret), open: profileFor(server, { ...secret, onFailure: 'allow' }) } }, env, waitReady: false });
+    try {
+      const metrics = await (await fetch(`${sidecar.adminUrl}/metrics`)).text();
+      for (const profile of ['default', 'open']) {
+        for (const outcome of ['injected', 'denied', 'allowed_without_token']) {
+          assert.equal(sample(metrics, `oauth2_extproc_requests_total{profile="${profile}",outcome="${outcome}"}`), 0, `${profile} ${outcome}\n${metrics}`);
+        }
+        assert.equal(sample(metrics, `oauth2_extproc_token_fetches_total{profile="${profile}",result="success",code=""}`), 0);
+        for (const code of ['OAUTH2_ERR_TOKEN_NETWORK', 'OAUTH2_ERR_TOKEN_TIMEOUT', 'OAUTH2_ERR_TOKEN_STATUS', 'OAUTH2_ERR_TOKEN_RESPONSE', 'OAUTH2_ERR_SECRET']) {
+          assert.equal(sample(metrics, `oauth2_extproc_token_fetches_total{profile="${profile}",result="error",code="${code}"}`), 0, code);
+        }
+        assert.equal(sample(metrics, `oauth2_extproc_token_fetch_duration_seconds_count{profile="${profile}"}`), 0);
+      }
+      // Not ready while the first fetches are in flight, and that is no reason to warn.
+      assert.equal((await fetch(`${sidecar.adminUrl}/readyz`)).status, 503);
+      await sidecar.waitForLog((r) => typeof r.msg === 'string' && r.msg.startsWith('ready'));
+      const after = await (await fetch(`${sidecar.adminUrl}/metrics`)).text();
+      assert.equal(sample(after, 'oauth2_extproc_token_fetches_total{profile="default",result="success",code=""}'), 1);
+      assert.deepEqual(sidecar.logs().filter((l) => l.level === 'warn' || l.level === 'error'), []);
+    } finally {
+      await sidecar.stop();
+      await server.close();
+    }
+  });
+});
+
+describe('onFailure: allow without a token', () => {
+  test('is ready once its first fetch has ended (not before), says no_token, warns, and requests continue without a token', async () => {
+    const server = await startOAuthServer();
+    server.override('hang', ...Array.from({ length: 20 }, () => ({ status: 401, headers: { 'content-type': 'application/json' }, body: '{"error":"invalid_client"}' })));
+    const sidecar = await startSidecar({
+      config: { profiles: { default: profileFor(server, { onFailure: 'allow', timeoutSeconds: 3, refresh: { minBackoffSeconds: 5 } }) } },
+      waitReady: false,
+    });
+    try {
+      // The first fetch still hangs: a fail-open profile waits for it like any other.
+      const early = await fetch(`${sidecar.adminUrl}/readyz`);
+      assert.equal(early.status, 503);
+      assert.deepEqual(await early.json(), { ready: false, draining: false, profiles: { default: 'no_token' } });
+      assert.equal(await healthCheck(sidecar.grpcAddress, ''), 'NOT_SERVING');
+
+      const ready = await sidecar.waitForLog((r) => typeof r.msg === 'string' && r.msg.startsWith('ready'));
+      assert.equal(ready.level, 'warn');
+      assert.equal(ready.msg, 'ready: serving, but an onFailure: allow profile has no token (its requests continue without one)');
+      assert.deepEqual(ready.withoutToken, ['default']);
+      const readyz = await fetch(`${sidecar.adminUrl}/readyz`);
+      assert.equal(readyz.status, 200);
+      assert.deepEqual(await readyz.json(), { ready: true, draining: false, profiles: { default: 'no_token' } });
+      assert.equal(await healthCheck(sidecar.grpcAddress, ''), 'SERVING');
+      assert.ok(sidecar.logs().some((r) => r.msg === 'token fetch failed' && r.code === 'OAUTH2_ERR_TOKEN_TIMEOUT'));
+
+      const client = new ExtProcClient(sidecar.grpcAddress);
+      const { reply } = await client.exchange(requestHeaders(TYPICAL_HEADERS));
+      client.close();
+      assert.equal(reply.immediate_response, undefined);
+      assert.equal(setHeaders(reply).authorization, undefined);
+      assert.ok(reply.request_headers.response.header_mutation.remove_headers.includes('ocp-apim-subscription-key'));
+    } finally {
+      await sidecar.stop();
+      await server.close();
+    }
+  });
+});
+
+describe('token sanity through the real process', () => {
+  test('expires_in 1e13 is served (health, /readyz and requests agree); a 70 KB token is refused (they agree again)', async () => {
+    const huge = await startOAuthServer();
+    const big = await startOAuthServer();
+    huge.override({ status: 200, headers: { 'content-type': 'application/json' }, body: '{"access_token":"huge-lifetime-token","token_type":"Bearer","expires_in":1e13,"refresh_in":1e300}' });
+    big.override(...Array.from({ length: 30 }, () => ({ status: 200, headers: { 'content-type': 'application/json' }, body: JSON.stringify({ access_token: 'b'.repeat(70_000), expires_in: 3600 }) })));
+    const sidecar = await startSidecar({
+      config: { profiles: { default: profileFor(huge), big: profileFor(big, { refresh: { minBackoffSeconds: 0.2, maxBackoffSeconds: 0.2 } }) } },
+      waitReady: false,
+    });
+    try {
+      const fetched = await sidecar.waitForLog((r) => r.msg === 'token fetched' && r.profile === 'default');
+      assert.equal(fetched.expiresInSeconds, 365 * 24 * 3600);
+      const refused = await sidecar.waitForLog((r) => r.msg === 'token fetch failed' && r.profile === 'big');
+      assert.equal(refused.code, 'OAUTH2_ERR_TOKEN_RESPONSE');
+      assert.equal(refused.reason, 'the token is 70007 bytes as a header value, more than maxTokenBytes (16384): Envoy would refuse requests carrying it');
+
+      const readyz = await fetch(`${sidecar.adminUrl}/readyz`);
+      assert.equal(readyz.status, 503);
+      assert.deepEqual(await readyz.json(), { ready: false, draining: false, profiles: { default: 'token', big: 'no_token' } });
+      assert.equal(await healthCheck(sidecar.grpcAddress, ''), 'NOT_SERVING');
+      const client = new ExtProcClient(sidecar.grpcAddress);
+      assert.equal(setHeaders((await client.exchange(requestHeaders(TYPICAL_HEADERS))).reply).authorization, 'Bearer huge-lifetime-token');
+      assert.equal((await client.exchange(requestHeaders(TYPICAL_HEADERS), { profile: 'big' })).reply.immediate_response.status.code, 'ServiceUnavailable');
+      client.close();
+      assert.ok(!sidecar.stderr.join('').includes('RangeError'));
+      assert.ok(!sidecar.logs().some((r) => r.msg?.startsWith('unhandled')));
+    } finally {
+      await sidecar.stop();
+      await huge.close();
+      await big.close();
     }
   });
 });

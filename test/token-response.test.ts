@@ -7,7 +7,7 @@ import type { AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { inspect } from 'node:util';
 import { Agent } from 'undici';
-import type { ClientAuth, ProfileConfig } from '../src/config.ts';
+import type { ProfileConfig } from '../src/config.ts';
 import { TokenEndpointError, TokenFetchError, TokenResponseError } from '../src/errors.ts';
 import { TokenSource } from '../src/token-source.ts';
 import { FakeClock } from './helpers/fake-clock.ts';
@@ -18,6 +18,8 @@ import { runCli, startSidecar, writeConfig } from './helpers/sidecar.ts';
 const SECRET = 'S3cr+t 50%&"q\\/=:é€😀-tail';
 const CLIENT_ID = 'echo:client';
 
+/** The client authentication methods that send a client secret. */
+type ClientAuth = 'client_secret_post' | 'client_secret_basic';
 const STATUSES = [400, 401, 500, 200] as const;
 const FORMATS = ['json', 'text'] as const;
 type Format = (typeof FORMATS)[number];
