@@ -17,7 +17,7 @@ const PROFILE_OUTCOMES: readonly RequestOutcome[] = ['injected', 'denied', 'allo
  */
 const FETCH_ERROR_CODES = [
   'OAUTH2_ERR_TOKEN_NETWORK', 'OAUTH2_ERR_TOKEN_TIMEOUT', 'OAUTH2_ERR_TOKEN_STATUS', 'OAUTH2_ERR_TOKEN_RESPONSE',
-  'OAUTH2_ERR_SECRET', 'OAUTH2_ERR_UNEXPECTED',
+  'OAUTH2_ERR_SECRET', 'OAUTH2_ERR_CLIENT_AUTH', 'OAUTH2_ERR_UNEXPECTED',
 ] as const;
 
 /** The worker pool as /metrics sees it (server.workers above 1). */
