@@ -135,6 +135,13 @@ describe('tokens over SDS, refreshed every second or so', { skip }, () => {
     assert.equal(received.url, `/orders/42?Subscription-Key=${KEY}`);
   });
 
+  test('a header name with `_` (read as the key by CGI, PHP and WSGI) is refused by Envoy', async () => {
+    const before = backend.tally.total;
+    const reply = await send(`${envoy.url}/orders/1`, { headers: ['ocp_apim_subscription_key', KEY] });
+    assert.equal(reply.status, 400);
+    assert.equal(backend.tally.total, before);
+  });
+
   test('the /reports/ route gets the reports profile\'s token, the others the default one', async () => {
     const reports = await idp.verify(bearer(await through('/reports/monthly', ['Authorization', FORGED, 'Ocp-Apim-Subscription-Key', KEY])), 'https://reports.test');
     assert.equal(reports.sub, idp.clients.basic.clientId);
