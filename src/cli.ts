@@ -2,6 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { describeConfig, loadConfig, type Config } from './config.ts';
+import { closest } from './config-validator.ts';
 import { ConfigError, describeError, TokenEndpointError, TokenFetchError } from './errors.ts';
 import { createLogger } from './logger.ts';
 import { Sidecar } from './server.ts';
@@ -33,22 +34,38 @@ export function version(): string {
   return pkg.version;
 }
 
+const OPTIONS = {
+  config: { type: 'string', short: 'c' },
+  profile: { type: 'string', short: 'p' },
+  help: { type: 'boolean', short: 'h' },
+  version: { type: 'boolean', short: 'v' },
+} as const;
+
+/** node:util parseArgs' error in our words: an unknown flag with the one it is closest to. */
+function usageProblem(err: unknown): string {
+  const { code, message } = err as { code?: string; message: string };
+  // Node's messages quote the option: "Unknown option '--confg'. To specify …".
+  const option = /'(-[^' ]+)/.exec(message)?.[1];
+  if (code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION' && option !== undefined) {
+    const name = option.replace(/^-+/, '').split('=')[0]!;
+    const hint = Object.entries(OPTIONS).find(([, o]) => o.short === name)?.[0] ?? closest(name, Object.keys(OPTIONS));
+    return `unknown option ${option}${hint === undefined ? '' : ` (did you mean --${hint}?)`}`;
+  }
+  if (code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') {
+    const name = /--([\w-]+)/.exec(message)?.[1];
+    if (name !== undefined && OPTIONS[name as keyof typeof OPTIONS]?.type === 'string') return `--${name} needs a value`;
+    if (name !== undefined) return `--${name} takes no value`;
+  }
+  return message;
+}
+
 /** Returns the exit code for one-shot commands; for `run` it resolves once the server is up (undefined). */
 export async function main(argv: readonly string[], io: Io = processIo): Promise<number | undefined> {
   let parsed;
   try {
-    parsed = parseArgs({
-      args: [...argv],
-      allowPositionals: true,
-      options: {
-        config: { type: 'string', short: 'c' },
-        profile: { type: 'string', short: 'p' },
-        help: { type: 'boolean', short: 'h' },
-        version: { type: 'boolean', short: 'v' },
-      },
-    });
+    parsed = parseArgs({ args: [...argv], allowPositionals: true, options: OPTIONS });
   } catch (err) {
-    io.err(`oauth2-extproc: ${(err as Error).message}\n\n${USAGE}`);
+    io.err(`oauth2-extproc: ${usageProblem(err)}\n\n${USAGE}`);
     return 2;
   }
   const { values, positionals } = parsed;
@@ -118,14 +135,17 @@ async function run(config: Config, io: Io): Promise<void> {
     return;
   }
 
-  let stopping = false;
+  let stoppingSince: number | undefined;
   const stop = (signal: NodeJS.Signals): void => {
-    if (stopping) {
+    if (stoppingSince !== undefined) {
+      // Ctrl-C under `npm start` reaches the sidecar twice at once: from the terminal (the
+      // whole foreground process group) and from npm, which forwards it. One keypress.
+      if (Date.now() - stoppingSince < 1000) return;
       logger.warn({ signal }, 'second signal: exiting now');
       logger.flush(() => process.exit(1));
       return;
     }
-    stopping = true;
+    stoppingSince = Date.now();
     logger.info({ signal }, 'shutting down');
     sidecar.shutdown().then(
       () => logger.flush(() => process.exit(0)),

@@ -212,7 +212,7 @@ export function isPlainObject(value: unknown): value is Record<string, unknown> 
 }
 
 /** The allowed key nearest to a typo, if it is near enough to be a likely meaning. */
-function closest(key: string, allowed: readonly string[]): string | undefined {
+export function closest(key: string, allowed: readonly string[]): string | undefined {
   let best: string | undefined;
   let bestDistance = Math.max(2, Math.floor(key.length / 3)) + 1;
   for (const candidate of allowed) {

