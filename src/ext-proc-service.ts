@@ -11,7 +11,7 @@ import type { Logger } from './logger.ts';
 import type { Metrics, RequestOutcome } from './metrics.ts';
 import { HeaderNamePolicy } from './policy/header-names.ts';
 import { QueryNamePolicy, type ByteString } from './policy/query-names.ts';
-import { decodeRequest, encodeResponse, findPath, HeaderSpellingScanner, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './protocol.ts';
+import { decodeRequest, encodeResponse, findPath, HeaderSpellingScanner, messageText, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './protocol.ts';
 import type { Token } from './token.ts';
 
 export const PROFILE_METADATA_KEY = 'x-oauth2-profile';
@@ -107,10 +107,12 @@ class ProfileAnswer {
 
   /** What this request needs beyond the prebuilt reply, or undefined when nothing. */
   changesFor(request: PeekedRequest): RequestChanges | undefined {
-    const removeHeaders = this.headerSpellings.find(request.bytes);
+    if (this.headerSpellings.empty && this.queryNames.empty) return undefined;
+    const text = messageText(request.bytes);
+    const removeHeaders = this.headerSpellings.empty ? undefined : this.headerSpellings.find(text);
     let path: ByteString | undefined;
     if (!this.queryNames.empty) {
-      const original = findPath(request.bytes) ?? pathOf(request);
+      const original = findPath(text) ?? pathOf(request);
       if (original !== undefined) path = this.queryNames.strip(original);
     }
     return path === undefined && removeHeaders === undefined ? undefined : { path, removeHeaders };

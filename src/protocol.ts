@@ -79,78 +79,87 @@ export function peekRequest(bytes: Buffer): PeekedRequest {
 }
 
 /** A HeaderValue's `key` field holding ":path": tag 1 (length-delimited), length 5, the bytes. */
-const PATH_KEY = Buffer.from([0x0a, 0x05, ...Buffer.from(':path', 'latin1')]);
+const PATH_KEY = '\x0a\x05:path';
 const VALUE_TAG = 0x12; // HeaderValue.value (string)
 const RAW_VALUE_TAG = 0x1a; // HeaderValue.raw_value (bytes)
 
 /**
+ * A message's bytes as a byte string (latin1: one char per byte), for the searches below: one
+ * conversion, then string searches, costs less than the same searches on the Buffer.
+ */
+export function messageText(bytes: Buffer): ByteString {
+  return bytes.toString('latin1');
+}
+
+/**
  * The `:path` value of a request_headers message, read straight from its bytes without decoding
  * the rest: `raw_value` if set, else `value` (Envoy ≥1.27 sends raw_value only). It comes back as
- * a byte string (latin1: one char per byte), since a path is bytes and may hold any above 0x7F,
- * valid UTF-8 or not. Undefined when the bytes are not laid out as expected or name `:path` more
- * than once (a header value cannot hold the 0x0a byte, but metadata in the message could): the
- * caller then decodes the message.
+ * a byte string, since a path is bytes and may hold any above 0x7F, valid UTF-8 or not.
+ * Undefined when the bytes are not laid out as expected or name `:path` more than once (a header
+ * value cannot hold the 0x0a byte, but metadata in the message could): the caller then decodes
+ * the message.
  */
-export function findPath(bytes: Buffer): ByteString | undefined {
-  const at = bytes.indexOf(PATH_KEY);
-  if (at < 0 || bytes.indexOf(PATH_KEY, at + 1) >= 0) return undefined;
+export function findPath(message: Buffer | ByteString): ByteString | undefined {
+  const text = typeof message === 'string' ? message : messageText(message);
+  const at = text.indexOf(PATH_KEY);
+  if (at < 0 || text.indexOf(PATH_KEY, at + 1) >= 0) return undefined;
   let pos = at + PATH_KEY.length;
-  let value: Buffer | undefined;
-  let raw: Buffer | undefined;
+  let value: ByteString | undefined;
+  let raw: ByteString | undefined;
   // The HeaderValue's other fields follow its key; the next header starts with tag 0x0a again.
-  while (pos < bytes.length && (bytes[pos] === VALUE_TAG || bytes[pos] === RAW_VALUE_TAG)) {
-    const tag = bytes[pos++]!;
+  while (pos < text.length && (text.charCodeAt(pos) === VALUE_TAG || text.charCodeAt(pos) === RAW_VALUE_TAG)) {
+    const tag = text.charCodeAt(pos++);
     let length = 0;
     for (let shift = 0; ; shift += 7) {
-      if (pos >= bytes.length || shift > 28) return undefined;
-      const b = bytes[pos++]!;
+      if (pos >= text.length || shift > 28) return undefined;
+      const b = text.charCodeAt(pos++);
       length |= (b & 0x7f) << shift;
       if (b < 0x80) break;
     }
-    if (length < 0 || pos + length > bytes.length) return undefined;
-    const field = bytes.subarray(pos, pos + length);
+    if (length < 0 || pos + length > text.length) return undefined;
+    const field = text.slice(pos, pos + length);
     if (tag === VALUE_TAG) value = field;
     else raw = field;
     pos += length;
   }
-  const chosen = raw !== undefined && raw.length > 0 ? raw : value;
-  return chosen === undefined ? undefined : chosen.toString('latin1');
+  return raw !== undefined && raw.length > 0 ? raw : value;
 }
 
 /**
  * Finds, in the raw bytes of a ProcessingRequest, header keys that are other spellings of the
  * names a HeaderNamePolicy removes (`ocp_apim_subscription_key` for `ocp-apim-subscription-key`).
- * Every key is on the wire as tag 0x0a, its length, its bytes, wherever the HeaderValue sits, so a
- * search for each name's anchor finds every candidate without decoding the message; Envoy sends
- * keys lower-cased (HTTP/2 requires it, its HTTP/1 codec lower-cases them). A hit elsewhere (in
- * metadata) only adds a harmless removal. Almost every request pays one indexOf per name with a
- * `-` in it.
+ * Every key is on the wire as tag 0x0a, its length, its bytes, wherever the HeaderValue sits, so
+ * a search for each name's anchor (its longest stretch without `-`, the same in every spelling)
+ * finds every candidate without decoding the message; Envoy sends keys lower-cased (HTTP/2
+ * requires it, its HTTP/1 codec lower-cases them). A hit elsewhere (in metadata) only adds a
+ * harmless removal. Almost every request pays one search per name with a `-` in it, and a
+ * second one past the name itself.
  */
 export class HeaderSpellingScanner {
-  private readonly names: ReadonlyArray<{ needle: Buffer; needleAt: number; prefix: Buffer; key: Buffer; exact: Buffer }>;
+  private readonly names: ReadonlyArray<{ anchor: string; anchorAt: number; prefix: string; key: string; exact: string }>;
+  readonly empty: boolean;
 
   constructor(policy: HeaderNamePolicy) {
     this.names = policy.spelled.map((s) => {
-      const key = Buffer.from(s.key, 'latin1');
-      const prefix = Buffer.from([KEY_TAG, ...varint(key.length)]);
+      const prefix = String.fromCharCode(KEY_TAG, ...varint(s.key.length));
       // A name without a letter run (all dashes) is found by its tag and length instead.
       return s.anchor === ''
-        ? { needle: prefix, needleAt: -prefix.length, prefix, key, exact: Buffer.from(s.name, 'latin1') }
-        : { needle: Buffer.from(s.anchor, 'latin1'), needleAt: s.anchorAt, prefix, key, exact: Buffer.from(s.name, 'latin1') };
+        ? { anchor: prefix, anchorAt: -prefix.length, prefix, key: s.key, exact: s.name }
+        : { anchor: s.anchor, anchorAt: s.anchorAt, prefix, key: s.key, exact: s.name };
     });
+    this.empty = this.names.length === 0;
   }
 
-  /** The other spellings the message carries as header keys, or undefined when there are none. */
-  find(bytes: Buffer): string[] | undefined {
+  /** The other spellings the message (messageText) carries as header keys, or undefined. */
+  find(text: ByteString): string[] | undefined {
     let found: string[] | undefined;
     for (const n of this.names) {
-      for (let at = bytes.indexOf(n.needle); at >= 0; at = bytes.indexOf(n.needle, at + 1)) {
-        const start = at - n.needleAt;
-        if (start < n.prefix.length || start + n.key.length > bytes.length) continue;
-        if (bytes.compare(n.prefix, 0, n.prefix.length, start - n.prefix.length, start) !== 0) continue;
-        if (!spells(bytes, start, n.key)) continue;
-        if (bytes.compare(n.exact, 0, n.exact.length, start, start + n.key.length) === 0) continue;
-        const spelling = bytes.toString('latin1', start, start + n.key.length).toLowerCase();
+      for (let at = text.indexOf(n.anchor); at >= 0; at = text.indexOf(n.anchor, at + 1)) {
+        const start = at - n.anchorAt;
+        if (start < n.prefix.length || start + n.key.length > text.length) continue;
+        if (!text.startsWith(n.prefix, start - n.prefix.length) || !spells(text, start, n.key)) continue;
+        if (text.startsWith(n.exact, start)) continue;
+        const spelling = text.slice(start, start + n.key.length).toLowerCase();
         found ??= [];
         if (!found.includes(spelling)) found.push(spelling);
       }
@@ -161,13 +170,13 @@ export class HeaderSpellingScanner {
 
 const KEY_TAG = 0x0a; // HeaderValue.key (string)
 
-/** bytes[start…] spells key, ASCII case aside, with `_` and `-` read alike. */
-function spells(bytes: Buffer, start: number, key: Buffer): boolean {
+/** text[start…] spells key, ASCII case aside, with `_` and `-` read alike. */
+function spells(text: ByteString, start: number, key: string): boolean {
   for (let i = 0; i < key.length; i++) {
-    let b = bytes[start + i]!;
+    let b = text.charCodeAt(start + i);
     if (b >= 0x41 && b <= 0x5a) b += 0x20;
     else if (b === 0x5f) b = 0x2d;
-    if (b !== key[i]) return false;
+    if (b !== key.charCodeAt(i)) return false;
   }
   return true;
 }
