@@ -130,3 +130,27 @@ test('a worker killed with SIGKILL is replaced after a backoff that grows while 
     assert.equal(code, 0);
   }
 });
+
+test('with two workers, a token that expires while refreshes fail turns /readyz, gRPC health and every answer to "no" together', async () => {
+  const idp = await startOAuthServer({ ttlSeconds: 3 });
+  const sidecar = await startSidecar({
+    config: { server: { workers: 2 }, profiles: { default: profileFor(idp, { refresh: { marginSeconds: 0, minBackoffSeconds: 0.2, maxBackoffSeconds: 0.2 } }) } },
+  });
+  try {
+    idp.override(...Array.from({ length: 50 }, () => ({ status: 401, headers: { 'content-type': 'application/json' }, body: '{"error":"invalid_client"}' })));
+    assert.equal(await healthCheck(sidecar.grpcAddress), 'SERVING');
+    const lost = await sidecar.waitForLog((l) => l.msg === 'not ready: a profile has no usable token');
+    assert.deepEqual(lost.profiles, { default: 'no_token' });
+    assert.deepEqual(await readyz(sidecar), { status: 503, body: { ready: false, draining: false, profiles: { default: 'no_token' }, workers: { configured: 2, serving: 2, restarts: 0 } } });
+    const clients = Array.from({ length: 4 }, (_, i) => new ExtProcClient(sidecar.grpcAddress, { 'grpc.use_local_subchannel_pool': 1, 'test.channel': i }));
+    for (const c of clients) {
+      assert.equal((await c.exchange(requestHeaders(TYPICAL_HEADERS))).reply.immediate_response?.status.code, 'ServiceUnavailable');
+      c.close();
+    }
+    assert.equal(await healthCheck(sidecar.grpcAddress), 'NOT_SERVING');
+  } finally {
+    const code = await sidecar.stop();
+    await idp.close();
+    assert.equal(code, 0);
+  }
+});
