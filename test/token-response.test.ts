@@ -9,6 +9,7 @@ import { inspect } from 'node:util';
 import { Agent } from 'undici';
 import type { ProfileConfig } from '../src/config.ts';
 import { TokenEndpointError, TokenFetchError, TokenResponseError } from '../src/errors.ts';
+import { mask } from '../src/token-response.ts';
 import { TokenSource } from '../src/token-source.ts';
 import { FakeClock } from './helpers/fake-clock.ts';
 import { runCli, startSidecar, writeConfig } from './helpers/sidecar.ts';
@@ -255,5 +256,29 @@ describe('the sidecar at trace level and the token command', () => {
         }
       }
     }
+  });
+});
+
+describe('mask(): raw secrets in, every encoding out', () => {
+  test('a whole Basic value passed as the secret masks its base64, its pair and the secret inside', () => {
+    const pair = `${formEncode(CLIENT_ID)}:${formEncode(SECRET)}`;
+    const basic = `Basic ${Buffer.from(pair).toString('base64')}`;
+    const text = `got ${basic} i.e. ${pair}, secret ${SECRET} or ${JSON.stringify(SECRET)}`;
+    assert.equal(mask(text, [basic]), 'got [redacted] i.e. [redacted], secret [redacted] or "[redacted]"');
+  });
+
+  test('encodings that overlap or differ in case leave no tail; text around them stays', () => {
+    const secret = 'a+b c/d"é';
+    const text = [
+      `x=${formEncode(secret).toLowerCase()}`,
+      `y=${encodeURIComponent(secret)}`,
+      `z=${encodeURIComponent(formEncode(secret))}`,
+      `h=${secret.replace(/"/g, '&quot;')}`,
+      `b=${Buffer.from(secret).toString('base64url')}`,
+      `j=${asciiJson(secret)}`,
+    ].join(' ');
+    assert.equal(mask(text, [secret]), 'x=[redacted] y=[redacted] z=[redacted] h=[redacted] b=[redacted] j="[redacted]"');
+    assert.equal(mask('nothing secret here', [secret]), 'nothing secret here');
+    assert.equal(mask('empty secrets are skipped', ['']), 'empty secrets are skipped');
   });
 });
