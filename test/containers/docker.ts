@@ -16,8 +16,17 @@ const ENV = { ...process.env, DOCKER_BUILDKIT: '1', COMPOSE_DOCKER_CLI_BUILD: '1
 /** Label on every container, network and volume these tests create outside compose. */
 export const TEST_LABEL = 'oauth2-extproc.test';
 
-/** Why the container tests cannot run here, or undefined when a Docker engine answers. */
+/**
+ * Why the container tests cannot run here, or undefined when a Docker engine answers. With
+ * REQUIRE_DOCKER=1 (.ci/run, which starts an engine) a missing engine is an error, not a skip.
+ */
 export function dockerMissing(): string | undefined {
+  const missing = whyNoDocker();
+  if (missing !== undefined && process.env.REQUIRE_DOCKER === '1') throw new Error(`REQUIRE_DOCKER=1, but ${missing}`);
+  return missing;
+}
+
+function whyNoDocker(): string | undefined {
   const out = spawnSync(DOCKER, ['version', '--format', '{{.Server.Version}}'], { encoding: 'utf8', env: ENV, timeout: 20_000 });
   if (out.error !== undefined) return `no Docker engine: the docker CLI is not installed (${out.error.message}); bash ../shared/docker/setup-docker.sh installs and starts one`;
   if (out.status !== 0) return `no Docker engine reachable (docker version: ${(out.stderr || out.stdout).trim().split('\n').at(-1)}); start one, e.g. bash ../shared/docker/setup-docker.sh`;
