@@ -57,7 +57,18 @@ export class Sidecar {
       });
     }
     if (config.server.workers > 1) {
-      this.pool = new WorkerPool({ count: config.server.workers, logger, tokens: () => this.tokenStates(), onChange: () => this.readiness.update() });
+      this.pool = new WorkerPool({
+        count: config.server.workers,
+        logger,
+        tokens: () => this.tokenStates(),
+        onChange: () => this.readiness.update(),
+        // A worker's backend refused a token: the primary's cache decides whether to fetch.
+        onRejected: (profile, obtainedAt, status) => {
+          const cache = this.caches.get(profile);
+          const token = cache?.current();
+          if (token !== undefined && token.obtainedAt === obtainedAt) cache!.rejected(token, status);
+        },
+      });
       this.metrics.observeWorkers(this.pool);
     }
     // One readiness, read by /readyz and pushed to gRPC health here or in every worker.

@@ -23,7 +23,9 @@ type ToPrimary =
   | { t: 'hello' }
   | { t: 'listening'; address: string }
   | { t: 'bind-failed'; message: string }
-  | { t: 'metrics'; id: number; json: MetricsJson };
+  | { t: 'metrics'; id: number; json: MetricsJson }
+  // refresh.onBackendStatus in a worker: the backend refused the token obtained at `obtainedAt`.
+  | { t: 'rejected'; profile: string; obtainedAt: number; status: number };
 
 export interface TokenState {
   token: Token | undefined;
@@ -51,6 +53,7 @@ export class WorkerPool {
   private readonly logger: Logger;
   private readonly tokens: () => Map<string, TokenState>;
   private readonly onChange: () => void;
+  private readonly onRejected: (profile: string, obtainedAt: number, status: number) => void;
   private readonly workers = new Set<Worker>();
   private readonly slots = new Map<Worker, Slot>();
   /** Workers that reported listening and have not exited. */
@@ -61,7 +64,15 @@ export class WorkerPool {
   private nextMetricsId = 0;
   private readonly pendingMetrics = new Map<number, { left: number; json: MetricsJson[]; done: (json: MetricsJson[]) => void }>();
 
-  constructor(options: { count: number; logger: Logger; tokens: () => Map<string, TokenState>; onChange?: () => void }) {
+  constructor(options: {
+    count: number;
+    logger: Logger;
+    tokens: () => Map<string, TokenState>;
+    onChange?: () => void;
+    /** A worker saw the backend refuse a profile's token (refresh.onBackendStatus). */
+    onRejected?: (profile: string, obtainedAt: number, status: number) => void;
+  }) {
+    this.onRejected = options.onRejected ?? (() => {});
     this.count = options.count;
     this.configured = options.count;
     this.logger = options.logger;
@@ -87,7 +98,9 @@ export class WorkerPool {
       /** A bind failure or an early crash rejected start(): nothing is started again. */
       let failed = false;
       const onMessage = (worker: Worker, message: ToPrimary): void => {
-        if (message.t === 'hello') {
+        if (message.t === 'rejected') {
+          this.onRejected(message.profile, message.obtainedAt, message.status);
+        } else if (message.t === 'hello') {
           // A new worker (or a replacement) gets the current tokens and readiness at once.
           for (const [profile, state] of this.tokens()) this.sendToken(worker, profile, state);
           send(worker, { t: 'serving', ready: this.ready });
@@ -215,16 +228,24 @@ export const isWorker = (): boolean => cluster.isWorker;
 
 /** Tokens handed over by the primary; used until the primary's own usable end. */
 class HandedTokens {
+  readonly profile: string;
   token: Token | undefined;
   usableUntil = 0;
   /** The SDS streams in this worker push each token the primary hands over. */
   private readonly listeners = new Set<() => void>();
+  constructor(profile: string) {
+    this.profile = profile;
+  }
   current(): Token | undefined {
     return systemClock.now() < this.usableUntil ? this.token : undefined;
   }
   onChange(listener: () => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);
+  }
+  /** The primary holds the cache: it decides whether to fetch (see TokenCache.rejected). */
+  rejected(token: Token, status: number): void {
+    process.send?.({ t: 'rejected', profile: this.profile, obtainedAt: token.obtainedAt, status } satisfies ToPrimary);
   }
   set(token: Token | undefined, usableUntil: number): void {
     this.token = token;
@@ -236,7 +257,7 @@ class HandedTokens {
 /** A worker process: serves ext_proc streams with the tokens the primary sends. */
 export async function runWorker(config: Config, logger: Logger): Promise<void> {
   const handed = new Map<string, HandedTokens>();
-  for (const name of Object.keys(config.profiles)) handed.set(name, new HandedTokens());
+  for (const name of Object.keys(config.profiles)) handed.set(name, new HandedTokens(name));
   const metrics = new Metrics({ defaultMetrics: false });
   const listener = new GrpcListener({
     profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: handed.get(p.name)! })),
