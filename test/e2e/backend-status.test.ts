@@ -1,8 +1,8 @@
 // refresh.onBackendStatus through the real Envoy running the shipped envoy/envoy.yaml: its
 // /reports/ route sends response headers to the sidecar, so a backend that refuses a token
 // (401) gets a new one on the next request; one that refuses every token gets at most one new
-// token per refresh.minBackoffSeconds. The backend is a node:http server that answers 401 as
-// told; the token endpoint is the real oidc-provider.
+// token per refresh.minBackoffSeconds, also when a worker process serves the stream. The
+// backend is a node:http server that answers 401 as told; the token endpoint is oidc-provider.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer, type Server } from 'node:http';
@@ -41,6 +41,9 @@ before(async () => {
   const refresh = { onBackendStatus: [401], minBackoffSeconds: MIN_BACKOFF_SECONDS };
   sidecar = await startSidecar({
     config: {
+      // Two workers: the refusal is seen in a worker, the token is fetched by the primary (the
+      // single-process path is covered by test/backend-status.test.ts).
+      server: { workers: 2 },
       profiles: {
         // The default route sends no response headers: its profile never hears of a 401.
         default: profileFor(idp, { refresh }),
