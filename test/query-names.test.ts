@@ -50,6 +50,7 @@ const RULES: Array<[string, string, string, boolean]> = [
   ['U+212A Kelvin sign', 'Java equalsIgnoreCase', 'subscription-%E2%84%AAey', true],
   ['raw UTF-8 bytes of U+017F', 'idem', Buffer.from('ſubscription-key', 'utf8').toString('latin1'), true],
   ['rules combined', 'qs + ASP.NET', '+Subscription%2DKey%5B0%5D', true],
+  ['a name past 1,024 chars that holds the name', '(not read further: bounded work)', `subscription-key${'x'.repeat(2000)}`, true],
   // Kept: names no framework reads as subscription-key.
   ['another name', '-', 'subscription-keys', false],
   ['prefix is part of the name', '-', 'xsubscription-key', false],
@@ -59,6 +60,8 @@ const RULES: Array<[string, string, string, boolean]> = [
   ['invalid UTF-8 in the name', '-', 'subscription-key%FF', false],
   ['fullwidth letters (no framework folds them)', '-', '%EF%BD%93ubscription-key', false],
   ['malformed escape kept as is', '-', 'subscription-key%zz', false],
+  ['a long name without it', '-', `${'%41'.repeat(3000)}subscription`, false],
+  ['shorter than the name', '-', '%73%75%62', false],
 ];
 
 test('one case per rule: isRemoved, and strip() keeps every other parameter as it was', () => {
@@ -90,7 +93,10 @@ test('strip: separators, empty parameters and the other bytes', () => {
     ['/a?x=subscription-key', undefined],
     ['/a?x=subscription-key=1', undefined],
   ];
-  for (const [path, expected] of cases) assert.equal(policy.strip(path), expected, path);
+  // Many encoded names and no removed one: kept, whatever the count.
+  cases.push([`/a?${Array.from({ length: 5000 }, (_, i) => `%41${i}=1`).join('&')}`, undefined]);
+  cases.push([`/a?${Array.from({ length: 5000 }, (_, i) => `%41${i}=1`).join('&')}&subscription%2Dkey=k`, `/a?${Array.from({ length: 5000 }, (_, i) => `%41${i}=1`).join('&')}`]);
+  for (const [path, expected] of cases) assert.equal(policy.strip(path), expected, path.slice(0, 80));
   assert.equal(new QueryNamePolicy([]).strip('/a?subscription-key=k'), undefined);
 });
 

@@ -39,6 +39,18 @@ export function foldName(name: string): string {
   return out;
 }
 
+/** The chars outside ASCII that foldChar turns into ASCII letters (UnicodeData.txt). */
+const FOLDS_TO_ASCII: Record<string, string> = { '\u017f': 's', '\u212a': 'k', '\u0131': 'i', '\u0130': 'i' };
+
+/**
+ * foldName as far as ASCII names can tell: the same on every char that folds to ASCII, and one
+ * char for one char elsewhere (U+0130, the one char whose lower case is two, is mapped first), so
+ * that a long name costs two native passes instead of a loop per char.
+ */
+export function foldForAscii(name: string): string {
+  return name.replace(/[\u017f\u212a\u0131\u0130]/g, (c) => FOLDS_TO_ASCII[c]!).toLowerCase();
+}
+
 /**
  * One level of percent-decoding as the widest decoder does it: `%XX` to a byte, `%uXXXX` to that
  * UTF-16 unit in UTF-8 (ASP.NET's HttpUtility.UrlDecode), `+` to a space when `plus` is set
@@ -46,22 +58,23 @@ export function foldName(name: string): string {
  */
 function decodeOnce(s: ByteString, plus: boolean): ByteString {
   if (!s.includes('%') && !(plus && s.includes('+'))) return s;
-  let out = '';
+  const out = Buffer.allocUnsafe(s.length); // never longer: 3 or 6 chars make at most 3 bytes
+  let n = 0;
   for (let i = 0; i < s.length; i++) {
-    const c = s[i]!;
-    if (c === '+' && plus) {
-      out += ' ';
-    } else if (c === '%' && (s[i + 1] === 'u' || s[i + 1] === 'U') && isHex(s, i + 2, 4)) {
-      out += Buffer.from(String.fromCharCode(parseInt(s.slice(i + 2, i + 6), 16)), 'utf8').toString('latin1');
+    const c = s.charCodeAt(i);
+    if (c === 0x2b && plus) {
+      out[n++] = 0x20;
+    } else if (c === 0x25 && (s.charCodeAt(i + 1) | 0x20) === 0x75 && isHex(s, i + 2, 4)) {
+      n += out.write(String.fromCharCode(parseInt(s.slice(i + 2, i + 6), 16)), n, 'utf8');
       i += 5;
-    } else if (c === '%' && isHex(s, i + 1, 2)) {
-      out += String.fromCharCode(parseInt(s.slice(i + 1, i + 3), 16));
+    } else if (c === 0x25 && isHex(s, i + 1, 2)) {
+      out[n++] = parseInt(s.slice(i + 1, i + 3), 16);
       i += 2;
     } else {
-      out += c;
+      out[n++] = c;
     }
   }
-  return out;
+  return out.toString('latin1', 0, n);
 }
 
 function isHex(s: string, from: number, count: number): boolean {
@@ -105,18 +118,39 @@ function baseName(name: string, dots: boolean): string {
 }
 
 /** Every text, folded, that some framework could read for one decoded name. */
-function readingsOf(text: string, into: Set<string>): void {
+function readingsOf(text: string, into: Set<string>, fold: (name: string) => string): void {
   const nul = text.indexOf('\0');
   for (const s of nul >= 0 ? [text, text.slice(0, nul)] : [text]) {
     const trimmed = s.replace(EDGE_JUNK, '');
-    into.add(foldName(s));
-    into.add(foldName(trimmed));
-    into.add(foldName(phpName(s)));
+    into.add(fold(s));
+    into.add(fold(trimmed));
+    into.add(fold(phpName(s)));
     // Spring's WebDataBinder reads `!name` as a default value for `name`.
     for (const t of trimmed.startsWith('!') ? [trimmed, trimmed.slice(1)] : [trimmed]) {
-      into.add(foldName(t));
-      into.add(foldName(baseName(t, false).replace(EDGE_JUNK, '')));
-      into.add(foldName(baseName(t, true).replace(EDGE_JUNK, '')));
+      into.add(fold(t));
+      into.add(fold(baseName(t, false).replace(EDGE_JUNK, '')));
+      into.add(fold(baseName(t, true).replace(EDGE_JUNK, '')));
+    }
+  }
+}
+
+/**
+ * The texts a raw name decodes to, level by level (as sent, then decoded once more each time),
+ * with `+` as a space and without; `undefined` last when it is still encoded after
+ * MAX_DECODE_LEVELS levels.
+ */
+function* decodedLevels(rawName: ByteString): Generator<string | undefined> {
+  for (const plus of [true, false]) {
+    let level = rawName;
+    for (let depth = 0; ; depth++) {
+      yield utf8(level);
+      const next = decodeOnce(level, plus);
+      if (next === level) break;
+      if (depth === MAX_DECODE_LEVELS) {
+        yield undefined;
+        return;
+      }
+      level = next;
     }
   }
 }
@@ -128,17 +162,19 @@ function readingsOf(text: string, into: Set<string>): void {
  */
 export function normalizedQueryNames(rawName: ByteString): Set<string> | undefined {
   const names = new Set<string>();
-  for (const plus of [true, false]) {
-    let level = rawName;
-    for (let depth = 0; ; depth++) {
-      readingsOf(utf8(level), names);
-      const next = decodeOnce(level, plus);
-      if (next === level) break;
-      if (depth === MAX_DECODE_LEVELS) return undefined;
-      level = next;
-    }
+  for (const text of decodedLevels(rawName)) {
+    if (text === undefined) return undefined;
+    readingsOf(text, names, foldName);
   }
   return names;
+}
+
+/** Past this length, a decoded name that holds an anchor is removed without reading it further. */
+const MAX_READ_NAME_LENGTH = 1024;
+
+/** The longest stretch of a folded target without `_`, space, `.`, `[` (what PHP makes `_` of). */
+function anchorOf(target: string): string {
+  return target.split(/[_ .[]/).reduce((a, b) => (b.length > a.length ? b : a), '');
 }
 
 /** The removal rule for one profile's `removeQueryParameters`, compiled once. */
@@ -146,24 +182,58 @@ export class QueryNamePolicy {
   /** The folded names a removed parameter may be read as: each name and its PHP spelling. */
   private readonly targets: ReadonlySet<string>;
   /**
-   * Per name, the longest stretch that every raw spelling without `%` or non-ASCII bytes must
-   * contain (ASCII case aside): no rule above makes these chars out of others, while PHP makes
-   * `_` out of space, `.` and `[`.
+   * Per target, the stretch every reading equal to it holds, and so every decoded text it comes
+   * from, folded: no rule makes these chars out of others (PHP makes `_` out of space, `.` and
+   * `[`). Also what a raw query without `%` or non-ASCII bytes must contain, ASCII case aside,
+   * for the hot path to look further.
    */
   private readonly anchors: readonly string[];
+  private readonly fold: (name: string) => string;
+  /** No reading is longer than the raw name it comes from: shorter ones than this never match. */
+  private readonly shortest: number;
   readonly empty: boolean;
 
   constructor(names: readonly string[]) {
-    this.targets = new Set(names.flatMap((n) => [foldName(n), foldName(phpName(n))]));
-    this.anchors = names.map((n) => n.toLowerCase().split(/[_ .[]/).reduce((a, b) => (b.length > a.length ? b : a), ''));
+    const targets = [...new Set(names.flatMap((n) => [foldName(n), foldName(phpName(n))]))];
+    this.targets = new Set(targets);
+    this.anchors = [...new Set(targets.map(anchorOf))];
+    this.shortest = Math.min(...targets.map((t) => t.length));
+    this.fold = targets.every((t) => /^[\x00-\x7f]*$/.test(t)) ? foldForAscii : foldName;
     this.empty = names.length === 0;
   }
 
-  /** True when some framework would read this raw parameter name as a removed one. */
+  /**
+   * True when some framework would read this raw parameter name as a removed one. Only decoded
+   * texts that hold an anchor are read all the ways of readingsOf: a query of many or long names
+   * stays cheap.
+   */
   isRemoved(rawName: ByteString): boolean {
-    const names = normalizedQueryNames(rawName);
-    if (names === undefined) return true;
-    for (const n of names) if (this.targets.has(n)) return true;
+    if (rawName.length < this.shortest) return false;
+    const readings = new Set<string>();
+    for (const text of decodedLevels(rawName)) {
+      if (text === undefined) return true;
+      if (!this.holdsAnchor(text)) continue;
+      if (text.length > MAX_READ_NAME_LENGTH) return true;
+      readingsOf(text, readings, this.fold);
+      for (const r of readings) if (this.targets.has(r)) return true;
+      readings.clear();
+    }
+    return false;
+  }
+
+  private holdsAnchor(text: string): boolean {
+    const folded = this.fold(text);
+    for (const a of this.anchors) if (folded.includes(a)) return true;
+    return false;
+  }
+
+  /**
+   * False when no decoding level of the whole query holds an anchor: then no parameter in it
+   * can be a removed one (an escape never spans a separator, so each name's levels are pieces of
+   * the query's), and a query of many encoded names is not split at all.
+   */
+  private queryHoldsAnchor(query: ByteString): boolean {
+    for (const text of decodedLevels(query)) if (text === undefined || this.holdsAnchor(text)) return true;
     return false;
   }
 
@@ -180,7 +250,7 @@ export class QueryNamePolicy {
       if (c >= 0x41 && c <= 0x5a) upper = true;
     }
     const text = upper ? query.toLowerCase() : query;
-    for (const anchor of this.anchors) if (anchor === '' || text.includes(anchor)) return true;
+    for (const anchor of this.anchors) if (text.includes(anchor)) return true;
     return false;
   }
 
@@ -192,7 +262,9 @@ export class QueryNamePolicy {
    */
   strip(path: ByteString): ByteString | undefined {
     const q = path.indexOf('?');
-    if (q < 0 || this.empty || !this.mayMatch(path.slice(q + 1))) return undefined;
+    if (q < 0 || this.empty) return undefined;
+    const query = path.slice(q + 1);
+    if (!this.mayMatch(query) || !this.queryHoldsAnchor(query)) return undefined;
     let out = path.slice(0, q + 1);
     let kept = 0;
     let removed = false;
