@@ -23,7 +23,7 @@ export interface BenchContext {
 
 /** One part of the report: markdown for docs/benchmarks.md and a few lines for the console. */
 export interface Section {
-  id: 'setup' | 'sidecar' | 'workers' | 'envoy' | 'tokens' | 'memory' | 'profile';
+  id: 'setup' | 'sidecar' | 'workers' | 'envoy' | 'modes' | 'tokens' | 'memory' | 'profile';
   markdown: string;
   /** Not measured: printed, but the table of an earlier run stays in docs/benchmarks.md. */
   skipped?: boolean;

