@@ -154,6 +154,16 @@ const HARDENING_KEYS = [
   'max_active_downstream_connections', 'max_heap_size_bytes',
 ];
 
+for (const file of SHIPPED) {
+  test(`${file}: header names with _ refused, paths normalised, escaped slashes refused (what the promise rests on)`, () => {
+    const h = hcm(loadShippedConfig(file));
+    assert.equal(h.common_http_protocol_options?.headers_with_underscores_action, 'REJECT_REQUEST');
+    assert.equal(h.normalize_path, true);
+    assert.equal(h.merge_slashes, true);
+    assert.ok(['REJECT_REQUEST', 'UNESCAPE_AND_REDIRECT'].includes(h.path_with_escaped_slashes_action), h.path_with_escaped_slashes_action);
+  });
+}
+
 for (const file of ['envoy.yaml', 'envoy-uds.yaml']) {
   test(`${file}: edge hardening of the listener (paths, header names, header and buffer limits, timeouts)`, () => {
     const doc = loadShippedConfig(file);
