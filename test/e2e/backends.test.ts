@@ -6,11 +6,10 @@
 // on; then, stronger, the key's value must be nowhere in what it parsed, under any name.
 import { after, before, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { request as httpRequest } from 'node:http';
 import { connect, type ClientHttp2Session } from 'node:http2';
 import { startOAuthServer, type OAuthServer } from '../helpers/oauth-server.ts';
 import { profileFor, startSidecar, type SidecarProcess } from '../helpers/sidecar.ts';
-import { ENVOY_MISSING, findEnvoy, startEnvoy, type EnvoyProcess } from '../helpers/envoy.ts';
+import { ENVOY_MISSING, findEnvoy, send, startEnvoy, type EnvoyProcess } from '../helpers/envoy.ts';
 import { findPhp, PHP_MISSING, startPhpBackend, type FrameworkBackend } from '../helpers/php-backend.ts';
 import { findPython, PYTHON_MISSING, startWsgiBackend } from '../helpers/wsgi-backend.ts';
 
@@ -74,7 +73,7 @@ async function request(framework: Framework, protocol: Protocol, path: string, h
   let status: number;
   let body: string;
   if (protocol === 'HTTP/1.1') {
-    ({ status, body } = await sendRaw(stack.envoy.url, path, headers));
+    ({ status, body } = await send(`${stack.envoy.url}${path}`, { headers }));
   } else {
     const h2Headers: Record<string, string | string[]> = { ':method': 'GET', ':path': path };
     for (let i = 0; i < headers.length; i += 2) {
@@ -97,25 +96,6 @@ async function request(framework: Framework, protocol: Protocol, path: string, h
   if (status >= 400 && status < 500) return { refused: `${status} ${body.slice(0, 80)}` };
   assert.equal(status, 200, body);
   return { read: JSON.parse(body) };
-}
-
-/**
- * One HTTP/1.1 GET with the request target exactly as given: a URL string would go through the
- * WHATWG parser first, which resolves `..` and `%2E%2E` and turns a backslash into `/` before Envoy sees
- * anything (test/helpers/envoy.ts's send() takes a URL).
- */
-function sendRaw(base: string, path: string, headers: string[]): Promise<{ status: number; body: string }> {
-  const { hostname, port, host } = new URL(base);
-  return new Promise((resolve, reject) => {
-    const req = httpRequest({ hostname, port, path, method: 'GET', headers: ['host', host, ...headers], agent: false }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') }));
-      res.on('error', reject);
-    });
-    req.on('error', reject);
-    req.end();
-  });
 }
 
 /** Where `needle` occurs in a parsed reply, as paths (`get.subscription-key[0]`), keys included. */

@@ -249,10 +249,15 @@ export interface Reply {
  */
 export function send(url: string, options: { method?: string; headers?: string[]; body?: string } = {}): Promise<Reply> {
   return new Promise((resolve, reject) => {
+    const { origin, hostname, port, host } = new URL(url);
+    // The request target exactly as written: the WHATWG parser would resolve `..` and `%2E%2E`
+    // and turn `\` into `/` before Envoy sees them, hiding what a path test sends.
+    const rest = url.slice(origin.length);
+    const path = rest.startsWith('/') ? rest : `/${rest}`;
     // With headers as an array Node adds none of its own, not even Host (HTTP/1.1 needs it).
-    const headers = ['host', new URL(url).host, ...(options.headers ?? [])];
+    const headers = ['host', host, ...(options.headers ?? [])];
     if (options.body !== undefined) headers.push('content-length', String(Buffer.byteLength(options.body)));
-    const req = httpRequest(url, { method: options.method ?? 'GET', headers, agent: false }, (res) => {
+    const req = httpRequest({ hostname, port, path, method: options.method ?? 'GET', headers, agent: false }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
