@@ -140,10 +140,14 @@ function readingsOf(text: string, into: Set<string>, fold: (name: string) => str
  * MAX_DECODE_LEVELS levels.
  */
 function* decodedLevels(rawName: ByteString): Generator<string | undefined> {
+  let sawPlus = false;
   for (const plus of [true, false]) {
+    // Without a `+` at any level, keeping `+` gives the same texts again.
+    if (!plus && !sawPlus) return;
     let level = rawName;
     for (let depth = 0; ; depth++) {
-      yield utf8(level);
+      if (plus && level.includes('+')) sawPlus = true;
+      if (plus || depth > 0) yield utf8(level); // level 0 is the same text in both
       const next = decodeOnce(level, plus);
       if (next === level) break;
       if (depth === MAX_DECODE_LEVELS) {
