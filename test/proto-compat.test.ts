@@ -8,6 +8,7 @@ import { encodeResponse, findPath, LOADER_OPTIONS, peekRequest, PROCESS_PATH, PR
 import { parseConfig } from '../src/config.ts';
 import { requestHeaders, TYPICAL_HEADERS, upstreamMethod } from './helpers/extproc-client.ts';
 import { loadService, messageType, packAny } from '../src/protocols/wire.ts';
+import { peekCheck } from '../src/protocols/ext-authz-wire.ts';
 import { decodeSecret, upstreamSecretType, upstreamService } from './helpers/xds-client.ts';
 
 const ours = (loadSync(PROTO_FILE, { ...LOADER_OPTIONS, includeDirs: [PROTO_DIR] })['envoy.service.ext_proc.v3.ExternalProcessor'] as any).Process;
@@ -266,4 +267,32 @@ test('ext_authz: OK and denied CheckResponses encode as upstream encodes them', 
     const back = upstreamAuthz.Check!.responseDeserialize(mine);
     assert.equal(back.http_response, Object.keys(reply)[1]);
   }
+});
+
+test('ext_authz: the hot-path reader gets from an Envoy-encoded CheckRequest what the full decode gets', () => {
+  const request = {
+    attributes: {
+      source: { address: { socket_address: { address: '10.0.0.1', port_value: 5000 } }, principal: 'spiffe://x' },
+      destination: { service: 'orders', labels: { a: 'b' } },
+      request: {
+        time: { seconds: '1', nanos: 5 },
+        http: {
+          id: '7', method: 'POST', headers: { ':path': '/a?subscription-key=k', 'x-é': 'ü', ocp_apim_subscription_key: 'k' },
+          path: '/a?subscription-key=k&é=1', host: 'h', size: '12', protocol: 'HTTP/2', body: 'ignored', raw_body: Buffer.from('x'),
+        },
+      },
+      context_extensions: { 'x-oauth2-profile': 'reports', other: 'v' },
+      metadata_context: { filter_metadata: { a: { fields: { b: { stringValue: 'c' } } } } },
+      tls_session: { sni: 'api' },
+    },
+  };
+  const bytes = Buffer.from(upstreamAuthz.Check!.requestSerialize(request));
+  const peeked = peekCheck(bytes);
+  assert.deepEqual(Object.fromEntries(peeked.extensions), request.attributes.context_extensions);
+  assert.deepEqual([...peeked.headerNames].sort(), Object.keys(request.attributes.request.http.headers).sort());
+  assert.equal(peeked.path, request.attributes.request.http.path);
+  // header_map (Envoy's encode_raw_headers) instead of the map.
+  const raw = { attributes: { request: { http: { header_map: { headers: [{ key: 'a_b', raw_value: Buffer.from('v') }, { key: 'c', value: 'w' }] }, path: '/' } } } };
+  assert.deepEqual(peekCheck(Buffer.from(upstreamAuthz.Check!.requestSerialize(raw))).headerNames, ['a_b', 'c']);
+  assert.throws(() => peekCheck(bytes.subarray(0, bytes.length - 3)));
 });

@@ -16,23 +16,15 @@ import type { Logger } from '../logger.ts';
 import { HeaderNamePolicy } from '../policy/header-names.ts';
 import { QueryNamePolicy, type ByteString } from '../policy/query-names.ts';
 import type { Token } from '../token.ts';
-import { loadService } from './wire.ts';
+import { authzService, encodeCheckResponse, type PeekedCheck } from './ext-authz-wire.ts';
 
-export const AUTHZ_SERVICE_NAME = 'envoy.service.auth.v3.Authorization';
-export const authzService = loadService('envoy/service/auth/v3/external_auth.proto', AUTHZ_SERVICE_NAME);
+export { authzService };
 /** The context extension (per route in Envoy: `check_settings.context_extensions`) naming the profile. */
 export const PROFILE_EXTENSION = 'x-oauth2-profile';
 
 export interface AuthzBinding {
   readonly config: ProfileConfig;
   readonly tokens: { current(): Token | undefined };
-}
-
-interface CheckRequest {
-  attributes?: {
-    request?: { http?: { headers?: Record<string, string>; header_map?: { headers?: Array<{ key?: string }> }; path?: string } };
-    context_extensions?: Record<string, string>;
-  };
 }
 
 interface HeaderOption {
@@ -54,38 +46,47 @@ const DENY_CODES: Record<DenyReason, grpcStatus> = {
 /** Names Envoy sent that are not configured: logged once each, up to this many. */
 const UNKNOWN_PROFILES_LOGGED = 100;
 
-/** The check answer for one profile. */
+/** The check answer for one profile; the usual one (nothing but the profile's own removals) encoded once per token. */
 class ProfilePolicy {
   readonly config: ProfileConfig;
   private readonly tokens: { current(): Token | undefined };
   private readonly headerNames: HeaderNamePolicy;
   private readonly queryNames: QueryNamePolicy;
-  private readonly denied: CheckResponse;
+  private readonly denied: Buffer;
+  private token: Token | undefined;
+  private usual: Buffer;
 
   constructor(binding: AuthzBinding) {
     this.config = binding.config;
     this.tokens = binding.tokens;
     this.headerNames = new HeaderNamePolicy([this.config.header, ...this.config.removeHeaders]);
     this.queryNames = new QueryNamePolicy(this.config.removeQueryParameters);
-    this.denied = denial(this.config.failureStatus, 'noToken', this.config.name);
+    this.denied = encodeCheckResponse(denial(this.config.failureStatus, 'noToken', this.config.name));
+    this.token = undefined;
+    this.usual = encodeCheckResponse(this.allowed(undefined, [], []));
   }
 
-  answer(request: CheckRequest): CheckResponse {
+  answer(request: PeekedCheck): Buffer {
     const token = this.tokens.current();
     if (token === undefined && this.config.onFailure === 'deny') return this.denied;
-    const http = request.attributes?.request?.http ?? {};
-    const sent = http.headers !== undefined && Object.keys(http.headers).length > 0
-      ? Object.keys(http.headers)
-      : (http.header_map?.headers ?? []).map((h) => String(h.key ?? ''));
-    const remove = [...this.config.removeHeaders, ...this.headerNames.otherSpellings(sent)];
+    if (token !== this.token) {
+      this.token = token;
+      this.usual = encodeCheckResponse(this.allowed(token, [], []));
+    }
+    const spellings = this.headerNames.otherSpellings(request.headerNames);
+    const parameters = this.removedParameters(request.path);
+    if (spellings.length === 0 && parameters.length === 0) return this.usual;
+    return encodeCheckResponse(this.allowed(token, spellings, parameters));
+  }
+
+  /** OK: the token header set (or, without a token under onFailure: allow, removed), the removals. */
+  allowed(token: Token | undefined, spellings: readonly string[], parameters: string[]): CheckResponse {
+    const remove = [...this.config.removeHeaders, ...spellings];
     const headers: HeaderOption[] = [];
     // With no token (onFailure: allow) the caller's own value goes, so it never passes as ours.
     if (token === undefined) remove.push(this.config.header);
     else headers.push(option(this.config.header, `${token.tokenType} ${token.accessToken}`));
-    return {
-      status: { code: 0 },
-      ok_response: { headers, headers_to_remove: remove, query_parameters_to_remove: this.removedParameters(http.path ?? '') },
-    };
+    return { status: { code: 0 }, ok_response: { headers, headers_to_remove: remove, query_parameters_to_remove: parameters } };
   }
 
   /**
@@ -116,7 +117,9 @@ export class ExtAuthzService {
   private readonly policies = new Map<string, ProfilePolicy>();
   private readonly logger: Logger;
   private readonly unknownLogged = new Set<string>();
-  private readonly internalError = denial(500, 'internal', '');
+  private readonly internalError = encodeCheckResponse(denial(500, 'internal', ''));
+  /** Deny answers for names Envoy sent that are not configured (bounded: they come from its config). */
+  private readonly unknownReplies = new Map<string, Buffer>();
 
   constructor(options: { profiles: readonly AuthzBinding[]; logger: Logger }) {
     for (const binding of options.profiles) this.policies.set(binding.config.name, new ProfilePolicy(binding));
@@ -128,8 +131,8 @@ export class ExtAuthzService {
     return { Check: this.check };
   }
 
-  readonly check = (call: ServerUnaryCall<CheckRequest, CheckResponse>, callback: sendUnaryData<CheckResponse>): void => {
-    let response: CheckResponse;
+  readonly check = (call: ServerUnaryCall<PeekedCheck, Buffer>, callback: sendUnaryData<Buffer>): void => {
+    let response: Buffer;
     try {
       response = this.answer(call.request);
     } catch (err) {
@@ -140,13 +143,19 @@ export class ExtAuthzService {
     callback(null, response);
   };
 
-  answer(request: CheckRequest): CheckResponse {
-    const named = request.attributes?.context_extensions?.[PROFILE_EXTENSION];
+  answer(request: PeekedCheck): Buffer {
+    const named = request.extensions.get(PROFILE_EXTENSION);
     const name = named === undefined || named === '' ? DEFAULT_PROFILE : named;
     const policy = this.policies.get(name);
     if (policy !== undefined) return policy.answer(request);
     this.warnUnknown(name);
-    return denial(500, 'unknownProfile', name.slice(0, 64));
+    const shown = name.slice(0, 64);
+    let reply = this.unknownReplies.get(shown);
+    if (reply === undefined) {
+      reply = encodeCheckResponse(denial(500, 'unknownProfile', shown));
+      if (this.unknownReplies.size < UNKNOWN_PROFILES_LOGGED) this.unknownReplies.set(shown, reply);
+    }
+    return reply;
   }
 
   private warnUnknown(name: string): void {
