@@ -1,7 +1,7 @@
 // Pure: which query parameters of a request path are the ones the sidecar removes, and the path
 // without them. A parameter goes when any widely used backend framework would read its name as a
 // removed one; docs/query-names.md has the table of what each framework does to a raw name and
-// how each rule was checked. Every protocol adapter (ext_proc today) uses this one rule.
+// how each rule was checked. Every protocol adapter (ext_proc, ext_authz) uses this one rule.
 //
 // Paths are byte strings here: one char per byte (latin1), so that stripping keeps every other
 // byte exactly, bytes above 0x7F and invalid UTF-8 included. Names are compared as text only
@@ -92,9 +92,9 @@ function utf8(bytes: ByteString): string {
 }
 
 /**
- * PHP's variable name (main/php_variables.c, checked with php 8.2 parse_str): cut at the first
- * NUL, leading spaces dropped, an array suffix `[...]` dropped, and space, `.` and an unmatched
- * `[` turned into `_`.
+ * PHP's variable name, as php 8.2's parse_str (the code behind $_GET) was seen to read it: cut
+ * at the first NUL, leading spaces dropped, an array suffix `[...]` dropped, and space, `.` and
+ * an unmatched `[` turned into `_`.
  */
 export function phpName(name: string): string {
   let s = name;
