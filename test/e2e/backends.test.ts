@@ -276,6 +276,17 @@ for (const framework of Object.keys(FRAMEWORKS) as Framework[]) {
   });
 }
 
+// HTTP/2 carries :path as bytes; a WSGI server maps each byte to one character (latin-1), so
+// what it read shows every byte: those above 0x7F, invalid UTF-8 included, must survive the
+// removal of the key exactly. (PHP's built-in server drops a request line with such bytes.)
+test('wsgi: over HTTP/2, the key is removed from a :path with bytes above 0x7F and every other byte stays', { skip: FRAMEWORKS.wsgi.skip }, async () => {
+  const outcome = await request('wsgi', 'HTTP/2', `/orders/\u00e9\u00ff?q=\u00c3\u00a9\u00ff&subscription-key=${KEY}&r=%FF&s=\u00e9`, []);
+  assert.ok('read' in outcome, JSON.stringify(outcome));
+  assert.equal(outcome.read.environ.PATH_INFO, '/orders/\u00e9\u00ff');
+  assert.equal(outcome.read.environ.QUERY_STRING, 'q=\u00c3\u00a9\u00ff&r=%FF&s=\u00e9');
+  assert.deepEqual(occurrences(outcome.read, KEY), []);
+});
+
 test('Envoy itself refuses header names with _ and escaped slashes, and resolves dot segments (the shipped config)', { skip: FRAMEWORKS.php.skip }, async () => {
   for (const protocol of PROTOCOLS) {
     for (const route of ROUTES) {
