@@ -27,8 +27,14 @@ export const LIMITS = {
   maxConnections: 128,
   /** HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: past it, Envoy opens another connection. */
   maxStreamsPerConnection: 1000,
-  /** Open streams in this process, all connections together; more are refused (RESOURCE_EXHAUSTED). */
-  maxOpenStreams: 8000,
+  /**
+   * Open streams in this process, all connections together; more are reset (REFUSED_STREAM). A
+   * held stream costs about 15 KB (measured: 8,000 silent streams took RSS from 117 to 211 MiB);
+   * 2,000 keeps 40,000 abusive streams under the pod limit (test/bounds.test.ts). Envoy 1.40
+   * closes each ext_proc stream once it has its answer (seen: none open during a streamed
+   * response); Envoy ≤1.36 holds one per request in flight. Each worker process has its own.
+   */
+  maxOpenStreams: 2000,
   /** Node's per-connection memory budget (MB): past it, new streams on that connection are refused. */
   maxSessionMemoryMb: 16,
   /** A request_headers message carries at most Envoy's header limit (max_request_headers_kb, 60 KiB by default). */
@@ -40,13 +46,15 @@ export const LIMITS = {
   /**
    * Received RST_STREAM frames per connection (Node's rapid-reset guard, CVE-2023-44487): a
    * token bucket of `burst` resets refilled at `rate` a second; past it, GOAWAY. Envoy with its
-   * default settings resets every ext_proc stream, so the guard must let through the reset rate
-   * of one connection at the most streams a second one process serves; measured with Envoy 1.40
-   * at saturation (docs/deployment.md): at most 3,900 resets a second on one connection, 0 with
-   * the shipped envoy.yaml (graceful close). The rate is 2.5x that peak, the burst 2 s of it.
+   * default settings resets every ext_proc stream, so its reset rate is the request rate.
+   * Measured with Envoy 1.40 (--concurrency 2) saturating the sidecar on 2 cores: 5,262 to
+   * 7,049 resets a second in one-second samples, over 2 connections; 0 with the shipped
+   * envoy.yaml (graceful close). The rate is about 3x the whole process's peak (which one
+   * connection carries when Envoy runs one worker), the burst 2 s of it; a rapid-reset flood
+   * runs far above (docs/deployment.md, test/stream-resets.test.ts).
    */
-  resetRate: 10_000,
-  resetBurst: 20_000,
+  resetRate: 20_000,
+  resetBurst: 40_000,
 } as const;
 
 /** How often idle streams are looked for; also the resolution of the idle limits. */
@@ -63,6 +71,8 @@ export const DRAIN_QUIET_MS = 2000;
 type Call = ServerDuplexStream<unknown, unknown>;
 
 interface StreamState {
+  /** The HTTP/2 stream under the call (undefined if grpc-js no longer keeps it where we look). */
+  stream: ServerHttp2Stream | undefined;
   /** SWEEP ticks, not milliseconds: the coarse clock costs nothing per message. */
   openedAt: number;
   lastActive: number;
@@ -229,24 +239,25 @@ export class GrpcListener {
 
   private admit(call: Call): void {
     this.lastStreamAt = Date.now();
+    const stream = http2StreamOf(call);
     if (this.streams.size >= LIMITS.maxOpenStreams) {
       this.refusals.streams++;
       this.logRefusals();
-      failCall(call, grpcStatus.RESOURCE_EXHAUSTED, `more than ${LIMITS.maxOpenStreams} open ext_proc streams`);
+      // REFUSED_STREAM: nothing was processed; and unlike a status, a reset needs no reading client.
+      if (stream !== undefined) stream.close(http2Constants.NGHTTP2_REFUSED_STREAM);
+      else failCall(call, grpcStatus.RESOURCE_EXHAUSTED, `more than ${LIMITS.maxOpenStreams} open ext_proc streams`);
       return;
     }
     const tick = this.now;
-    this.streams.set(call, { openedAt: tick, lastActive: tick, messages: 0, failedAt: 0 });
-    call.once('close', this.onClose);
+    this.streams.set(call, { stream, openedAt: tick, lastActive: tick, messages: 0, failedAt: 0 });
+    // Counted until the HTTP/2 stream is gone: grpc-js's call 'close' comes as soon as the status
+    // is queued, while a client that does not read still holds the stream and its replies.
+    (stream ?? call).once('close', () => this.streams.delete(call));
     // Before the service's own listener: a reply still unsent from earlier messages is seen
     // here, as the next message comes in.
     call.on('data', this.onData);
     this.service.process(call);
   }
-
-  private readonly onClose = ((listener: GrpcListener) => function (this: Call): void {
-    listener.streams.delete(this);
-  })(this);
 
   private readonly onData = ((listener: GrpcListener) => function (this: Call): void {
     const state = listener.streams.get(this);
@@ -255,9 +266,10 @@ export class GrpcListener {
     state.messages++;
     if (this.writableLength >= LIMITS.maxUnsentReplies && state.failedAt === 0) {
       // The client sends but does not read: its replies would pile up in memory.
+      state.failedAt = listener.now;
       listener.refusals.unread++;
       listener.logRefusals();
-      resetCall(this);
+      resetCall(this, state.stream);
     }
   })(this);
 
@@ -268,7 +280,7 @@ export class GrpcListener {
     for (const [call, state] of this.streams) {
       if (state.failedAt !== 0) {
         // Told to go, still open: its client does not read, so the status cannot reach it.
-        if (now - state.failedAt >= CLOSE_GRACE_MS) resetCall(call);
+        if (now - state.failedAt >= CLOSE_GRACE_MS) resetCall(call, state.stream);
       } else if (state.messages === 0 && now - state.openedAt >= LIMITS.firstMessageMs) {
         state.failedAt = now;
         this.refusals.idle++;
@@ -299,18 +311,19 @@ function failCall(call: Call, code: grpcStatus, details: string): void {
 }
 
 /**
- * RST_STREAM for a stream whose client does not read: an error status would only queue behind
- * the replies it never takes. grpc-js keeps the HTTP/2 stream private (ServerDuplexStreamImpl
- * .call → BaseServerInterceptingCall.stream, @grpc/grpc-js 1.14 without interceptors); without
- * it the stream is left to the connection's end.
+ * The HTTP/2 stream under a call. grpc-js keeps it private (ServerDuplexStreamImpl.call →
+ * BaseServerInterceptingCall.stream in @grpc/grpc-js 1.14, with no interceptors); we need it to
+ * count streams until they are really gone and to reset those whose client does not read.
  */
-function resetCall(call: Call): void {
+function http2StreamOf(call: Call): ServerHttp2Stream | undefined {
   const stream = (call as unknown as { call?: { stream?: ServerHttp2Stream } }).call?.stream;
-  if (stream !== undefined && typeof stream.close === 'function') {
-    if (!stream.destroyed) stream.close(http2Constants.NGHTTP2_CANCEL);
-  } else {
-    failCall(call, grpcStatus.RESOURCE_EXHAUSTED, 'the client does not read its replies');
-  }
+  return stream !== undefined && typeof stream.close === 'function' && typeof stream.once === 'function' ? stream : undefined;
+}
+
+/** RST_STREAM: an error status would only queue behind the replies the client never takes. */
+function resetCall(call: Call, stream: ServerHttp2Stream | undefined): void {
+  if (stream === undefined) failCall(call, grpcStatus.RESOURCE_EXHAUSTED, 'the client does not read its replies');
+  else if (!stream.destroyed) stream.close(http2Constants.NGHTTP2_CANCEL);
 }
 
 /**
