@@ -1,6 +1,7 @@
 // Envoy resets every ext_proc stream when it is done with it. Node's HTTP/2 server limits
 // received resets per connection (about 1,000, then about 33 a second) and then sends GOAWAY,
-// failing every stream in flight. The sidecar must take that churn on one connection.
+// failing every stream in flight. The sidecar must take that churn on one connection, and still
+// stop a client that resets streams far faster than Envoy does (CVE-2023-44487, "rapid reset").
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
@@ -9,6 +10,9 @@ import { createLogger } from '../src/logger.ts';
 import { Metrics } from '../src/metrics.ts';
 import { extProcService } from '../src/protocol.ts';
 import { parseConfig } from '../src/config.ts';
+import { LIMITS } from '../src/grpc-listener.ts';
+import { resetFlood } from './helpers/grpc-attacks.ts';
+import { ExtProcClient, requestHeaders, setHeaders, TYPICAL_HEADERS } from './helpers/extproc-client.ts';
 import { churn } from './helpers/load.ts';
 import { startOAuthServer, type OAuthServer } from './helpers/oauth-server.ts';
 import { profileFor, startSidecar, type SidecarProcess } from './helpers/sidecar.ts';
@@ -64,5 +68,20 @@ test('control: a grpc-js server with Node\'s default reset limits fails under th
     assert.ok(result.failed > 0, `expected GOAWAY failures without the raised limits, got ${JSON.stringify(result)}`);
   } finally {
     server.forceShutdown();
+  }
+});
+
+test('a reset flood far above Envoy\'s rate gets GOAWAY; other connections are still served', async () => {
+  // Envoy at saturation resets at most ~7,000 streams a second (see LIMITS.resetRate); this
+  // client opens and resets streams as fast as one connection takes them.
+  const flood = await resetFlood(sidecar.grpcAddress, 10 * LIMITS.resetBurst);
+  assert.notEqual(flood.goaway, undefined, `no GOAWAY after ${flood.sent} resets`);
+  assert.ok(flood.sent < 10 * LIMITS.resetBurst);
+  const client = new ExtProcClient(sidecar.grpcAddress);
+  try {
+    const { reply } = await client.exchange(requestHeaders(TYPICAL_HEADERS));
+    assert.match(setHeaders(reply).authorization ?? '', /^Bearer ey/);
+  } finally {
+    client.close();
   }
 });
