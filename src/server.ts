@@ -120,7 +120,14 @@ export class Sidecar {
 
   /** Binds both listeners, then starts fetching tokens. Rejects (nothing left bound) on failure. */
   async start(): Promise<Addresses> {
-    const grpc = await this.bindGrpc();
+    let grpc: string;
+    try {
+      grpc = await this.bindGrpc();
+    } catch (err) {
+      // The workers that did bind stop too (else they log a broken channel to a gone primary).
+      await this.pool?.drain(0);
+      throw err;
+    }
     try {
       const admin = await startAdminServer({
         address: this.config.server.admin,

@@ -121,3 +121,21 @@ test('a port already in use is a clear error, exit 1', async () => {
     busy.close();
   }
 });
+
+test('a busy gRPC port is one clear message on stderr, exit 1, with workers too', async () => {
+  const busy = createServer();
+  await new Promise<void>((r) => busy.listen(0, '127.0.0.1', r));
+  const port = (busy.address() as { port: number }).port;
+  try {
+    for (const workers of [1, 2]) {
+      const file = writeConfig({ server: { grpc: `127.0.0.1:${port}`, workers }, profiles: { default: profileFor(idp) } });
+      const { code, stdout, stderr } = await runCli(['--config', file]);
+      assert.equal(code, 1);
+      // One line, ours: no grpc-js log line before it, no worker complaining after it.
+      assert.match(stderr, new RegExp(`^oauth2-extproc: cannot listen \\(server\\.grpc 127\\.0\\.0\\.1:${port}, server\\.admin 127\\.0\\.0\\.1:0\\): [^\\n]*EADDRINUSE[^\\n]*\\n$`));
+      assert.doesNotMatch(stdout, /"level":"(error|fatal)"/);
+    }
+  } finally {
+    busy.close();
+  }
+});
