@@ -56,9 +56,10 @@ async function sidecarOn(idp: OAuthServer, ports: { grpc: number; admin: number 
   });
 }
 
-function envoyFor(ports: { grpc: number; admin: number }, backend: EchoBackend): Promise<EnvoyProcess> {
+function envoyFor(ports: { grpc: number; admin: number }, backend: EchoBackend, variant?: (config: any) => void): Promise<EnvoyProcess> {
   return startEnvoy({
     config: 'envoy-sds.yaml',
+    variant,
     clusters: {
       oauth2_extproc: `127.0.0.1:${ports.grpc}`,
       backend: { address: backend.address, healthCheck: `127.0.0.1:${ports.admin}` },
@@ -326,5 +327,54 @@ describe('with server.workers: 2, the worker holding Envoy\'s SDS stream pushes 
       return tokens.size >= 3 ? true : undefined;
     }, 15_000);
     for (const token of tokens) await idp.verify(token);
+  });
+});
+
+describe('with api_type DELTA_GRPC (docs/modes.md), tokens and refreshes arrive over delta xDS', { skip }, () => {
+  let idp: OAuthServer;
+  let backend: EchoBackend;
+  let sidecar: SidecarProcess;
+  let envoy: EnvoyProcess;
+
+  before(async () => {
+    idp = await startOAuthServer({ ttlSeconds: 4 });
+    backend = await startEchoBackend();
+    const ports = { grpc: await freePort(), admin: await freePort() };
+    sidecar = await sidecarOn(idp, ports, { default: profileFor(idp), reports: profileFor(idp, { resource: 'https://reports.test' }) });
+    await sidecar.waitForLog((r) => typeof r.msg === 'string' && r.msg.startsWith('ready'));
+    let left = '';
+    envoy = await envoyFor(ports, backend, (config) => {
+      JSON.stringify(config, (key, value) => {
+        if (key === 'api_config_source' && value.api_type === 'GRPC') value.api_type = 'DELTA_GRPC';
+        return value;
+      });
+      left = JSON.stringify(config);
+    });
+    // Both profiles' sds_config (one YAML anchor) now say DELTA_GRPC.
+    assert.equal((left.match(/"api_type":"DELTA_GRPC"/g) ?? []).length, 2);
+    assert.ok(!left.includes('"api_type":"GRPC"'));
+  });
+
+  after(async () => {
+    await envoy?.stop();
+    await sidecar?.stop();
+    await backend?.close();
+    await idp?.close();
+  });
+
+  test('three successive tokens reach the backend, each profile on its route', async () => {
+    const tokens = new Set<string>();
+    await eventually('three tokens at the backend', async () => {
+      const r = await send(`${envoy.url}/orders/1`);
+      assert.equal(r.status, 200, r.body);
+      tokens.add(bearer(backend.requests.at(-1)!));
+      return tokens.size >= 3 ? true : undefined;
+    }, 15_000);
+    for (const token of tokens) await idp.verify(token);
+    assert.equal((await send(`${envoy.url}/reports/1`)).status, 200);
+    await idp.verify(bearer(backend.requests.at(-1)!), 'https://reports.test');
+    const stats = await envoy.stats('^sds\\.');
+    assert.equal(stats['sds.default.update_rejected'], 0);
+    assert.ok(stats['sds.default.update_success']! >= 3, JSON.stringify(stats));
   });
 });

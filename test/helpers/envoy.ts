@@ -128,6 +128,8 @@ export interface StartEnvoyOptions {
   clusters: Record<string, ClusterTarget>;
   bin?: string;
   logLevel?: string;
+  /** A documented alternative a user may choose (e.g. DELTA_GRPC for SDS), applied after the rewrite. */
+  variant?: (config: Json) => void;
 }
 
 let instances = 0;
@@ -137,7 +139,9 @@ export async function startEnvoy(options: StartEnvoyOptions): Promise<EnvoyProce
   if (bin === undefined) throw new Error(ENVOY_MISSING);
   const dir = mkdtempSync(join(tmpdir(), 'oauth2-extproc-envoy-'));
   const configFile = join(dir, options.config);
-  writeFileSync(configFile, stringify(rewriteEnvoyConfig(loadShippedConfig(options.config), options.clusters)));
+  const config = rewriteEnvoyConfig(loadShippedConfig(options.config), options.clusters);
+  options.variant?.(config);
+  writeFileSync(configFile, stringify(config));
   const adminPathFile = join(dir, 'admin-address');
 
   // A base id of its own, so that Envoys of parallel test runs never share hot-restart state.
