@@ -101,6 +101,8 @@ class SotwStream {
 class DeltaStream {
   readonly names = new Set<string>();
   readonly held = new Map<string, string>();
+  /** The nonce of the last response Envoy rejected and we logged. */
+  nackedNonce = '';
   private responses = 0;
   readonly call: ServerDuplexStream<DeltaDiscoveryRequest, DeltaDiscoveryResponse>;
   readonly id: number;
@@ -239,7 +241,10 @@ export class SdsService {
 
   private onDeltaRequest(stream: DeltaStream, request: DeltaDiscoveryRequest): void {
     if (!this.checkTypeUrl(stream.call, request.type_url)) return;
-    if (request.error_detail !== undefined && request.error_detail !== null) {
+    // A NACK is logged once per rejected response; the rejected versions stay in `held`, so they
+    // are not sent again, only a newer one.
+    if (request.error_detail !== undefined && request.error_detail !== null && request.response_nonce !== stream.nackedNonce) {
+      stream.nackedNonce = request.response_nonce ?? '';
       this.logger.warn({
         stream: stream.id,
         code: request.error_detail.code,

@@ -216,3 +216,20 @@ test('DeltaSecrets: subscribe, per-resource versions, pushes, initial versions h
   assert.deepEqual(held.resources.map((r: any) => r.name), ['reports']);
   again.end();
 });
+
+test('DeltaSecrets NACK: logged once, the rejected version not sent again, the next one is', async () => {
+  const call = client.DeltaSecrets() as grpc.ClientDuplexStream<object, Record<string, any>>;
+  const replies = new Replies(call);
+  call.write({ type_url: SECRET_TYPE_URL, resource_names_subscribe: ['reports'] });
+  const first = await replies.next();
+  const before = logLines.length;
+  const nack = { type_url: SECRET_TYPE_URL, response_nonce: first.nonce, error_detail: { code: 3, message: 'rejected' } };
+  call.write(nack);
+  call.write(nack);
+  assert.ok(await replies.none());
+  assert.equal(logLines.slice(before).filter((l) => /SDS NACK/.test(l.msg)).length, 1);
+  tokens.reports.set('r9');
+  const next = await replies.next();
+  assert.deepEqual(next.resources.map((r: any) => decodeSecret(r.resource).value), ['Bearer r9']);
+  call.end();
+});
