@@ -39,8 +39,12 @@ export const LIMITS = {
   maxSessionMemoryMb: 16,
   /** A request_headers message carries at most Envoy's header limit (max_request_headers_kb, 60 KiB by default). */
   maxMessageBytes: 256 * 1024,
-  /** Replies written but not yet taken by the client; Envoy takes each at once, so more means it does not read. */
-  maxUnsentReplies: 4,
+  /**
+   * Replies written but not yet taken by the client, per stream: the high-water mark of
+   * grpc-js's reply buffer (an object-mode stream: 16), where write() starts to return false.
+   * Envoy takes every reply at once; even body chunks decoded from one read stay below it.
+   */
+  maxUnsentReplies: 16,
   /** Envoy sends request_headers as it opens the stream: a stream without a first message by then is closed. */
   firstMessageMs: 10_000,
   /**
