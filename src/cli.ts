@@ -127,14 +127,9 @@ async function run(config: Config, io: Io): Promise<void> {
     return;
   }
   const sidecar = new Sidecar({ config, logger });
-  try {
-    await sidecar.start();
-  } catch (err) {
-    io.err(`oauth2-extproc: cannot listen (server.grpc ${config.server.grpc}, server.admin ${config.server.admin}): ${describeError(err).message}`);
-    logger.flush(() => process.exit(1));
-    return;
-  }
-
+  // The signal handlers go in before the listeners bind: a SIGTERM that arrives while the
+  // sidecar starts (or right after its "listening" line) drains it instead of killing it.
+  const starting = sidecar.start();
   let stoppingSince: number | undefined;
   const stop = (signal: NodeJS.Signals): void => {
     if (stoppingSince !== undefined) {
@@ -147,7 +142,8 @@ async function run(config: Config, io: Io): Promise<void> {
     }
     stoppingSince = Date.now();
     logger.info({ signal }, 'shutting down');
-    sidecar.shutdown().then(
+    // A start that failed exits below, with its own message.
+    starting.then(() => sidecar.shutdown(), () => new Promise<never>(() => {})).then(
       () => logger.flush(() => process.exit(0)),
       (err: unknown) => {
         logger.error({ error: describeError(err) }, 'shutdown failed');
@@ -157,6 +153,12 @@ async function run(config: Config, io: Io): Promise<void> {
   };
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
+  try {
+    await starting;
+  } catch (err) {
+    io.err(`oauth2-extproc: cannot listen (server.grpc ${config.server.grpc}, server.admin ${config.server.admin}): ${describeError(err).message}`);
+    logger.flush(() => process.exit(1));
+  }
 }
 
 async function fetchOneToken(config: Config, profileName: string, io: Io): Promise<number> {
