@@ -204,3 +204,32 @@ test('maxTokenBytes is a whole number of bytes from 256 to 1 MiB', () => {
   assert.deepEqual(problems(p('100')), ['profiles.default.maxTokenBytes: must be at least 256']);
   assert.deepEqual(problems(p('big')), ['profiles.default.maxTokenBytes: must be a number']);
 });
+
+test('clientAuth decides which keys a profile needs: the secret methods keep "required", the rest say why, and unused keys are errors', () => {
+  const base = "tokenUrl: 'https://idp.test/t', clientId: a";
+  assert.deepEqual(problems(`profiles: { default: { ${base}, clientSecret: b, privateKey: c, tokenFile: /t, identityEndpoint: 'http://x' } }`), [
+    'profiles.default.privateKey: not used with clientAuth client_secret_post',
+    'profiles.default.tokenFile: not used with clientAuth client_secret_post',
+    'profiles.default.identityEndpoint: not used with clientAuth client_secret_post',
+  ]);
+  assert.deepEqual(problems(`profiles: { default: { ${base}, clientAuth: client_secret_basic } }`), ['profiles.default.clientSecret: required']);
+  assert.deepEqual(problems(`profiles: { default: { clientAuth: tls_client_auth, clientId: a } }`), [
+    'profiles.default.tokenUrl: required with clientAuth tls_client_auth',
+    'profiles.default.privateKey: required with clientAuth tls_client_auth',
+    'profiles.default.certificate: required with clientAuth tls_client_auth',
+  ]);
+  assert.deepEqual(problems(`profiles: { default: { clientAuth: managed_identity, resource: r, audience: x, extraParams: { a: b } } }`), [
+    'profiles.default.audience: not used with clientAuth managed_identity',
+    'profiles.default.extraParams: not used with clientAuth managed_identity',
+  ]);
+});
+
+test('the proxy comes from the environment (lower case first) for token endpoints, never for managed identity', () => {
+  const profile = (text: string, env: NodeJS.ProcessEnv) => parseConfig(text, { env }).profiles.default!;
+  const post = "profiles: { default: { tokenUrl: 'https://idp.test/t', clientId: a, clientSecret: '${S}' } }";
+  assert.equal(profile(post, { S: 's' }).proxy, undefined);
+  assert.deepEqual(profile(post, { S: 's', HTTPS_PROXY: 'http://upper:3128', https_proxy: 'http://lower:3128', NO_PROXY: '.corp' }).proxy, {
+    httpsProxy: 'http://lower:3128', httpProxy: undefined, noProxy: '.corp',
+  });
+  assert.equal(profile('profiles: { default: { clientAuth: managed_identity, resource: r } }', { HTTPS_PROXY: 'http://p:3128', HTTP_PROXY: 'http://p:3128' }).proxy, undefined);
+});
