@@ -113,7 +113,6 @@ export async function main(argv: readonly string[], io: Io = processIo): Promise
 
 async function run(config: Config, io: Io): Promise<void> {
   const logger = createLogger(config.logging.level);
-  for (const w of config.warnings) logger.warn({ path: w.path }, `config: ${w.message}`);
   process.on('unhandledRejection', (reason) => {
     logger.error({ error: describeError(reason) }, 'unhandled promise rejection (kept serving)');
   });
@@ -126,6 +125,8 @@ async function run(config: Config, io: Io): Promise<void> {
     await runWorker(config, logger.child({ worker: process.pid }));
     return;
   }
+  // Once, from the primary: workers parse the same file.
+  for (const w of config.warnings) logger.warn({ path: w.path }, `config: ${w.message}`);
   const sidecar = new Sidecar({ config, logger });
   // The signal handlers go in before the listeners bind: a SIGTERM that arrives while the
   // sidecar starts (or right after its "listening" line) drains it instead of killing it.
