@@ -10,7 +10,8 @@ const REDACT = [
   'accessToken', '*.accessToken', 'access_token', '*.access_token',
   'authorization', '*.authorization', 'headers.authorization',
   'ocp-apim-subscription-key', '*["ocp-apim-subscription-key"]',
-  'client_assertion', '*.client_assertion',
+  'client_assertion', '*.client_assertion', 'clientAssertion', '*.clientAssertion',
+  'privateKey', '*.privateKey', 'private_key', '*.private_key',
 ];
 
 export function createLogger(level: LogLevel, destination?: DestinationStream): Logger {
