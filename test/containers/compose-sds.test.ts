@@ -4,7 +4,11 @@
 // token it pushed expires. Same ports as docker-compose.yml (127.0.0.1:8080 and :9002).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { rmSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { parse } from 'yaml';
+import { REPO } from '../../scripts/docker-build-check.ts';
+import { loadShippedConfig } from '../helpers/envoy.ts';
 import { cleanCopy, composeCommand, docker, dockerAsync, dockerMissing, tcpOpen, jwtClaims, waitFor } from './docker.ts';
 
 const missing = dockerMissing();
@@ -34,6 +38,23 @@ async function callerRequest(): Promise<{ status: number; echo?: Echo }> {
   });
   return r.status === 200 ? { status: 200, echo: await r.json() as Echo } : { status: r.status };
 }
+
+test('wiring, without Docker: the sidecar shares Envoy\'s loopback, its gRPC port on loopback only, where envoy-sds.yaml looks', () => {
+  const compose = parse(readFileSync(join(REPO, 'docker-compose.sds.yml'), 'utf8'));
+  const sidecar = compose.services['oauth2-extproc'];
+  assert.equal(sidecar.network_mode, 'service:envoy');
+  assert.deepEqual(compose.services.envoy.volumes, ['./envoy/envoy-sds.yaml:/etc/envoy/envoy.yaml:ro']);
+  const mounted = (sidecar.volumes as string[]).find((v) => v.endsWith(':/etc/oauth2-extproc/config.yaml:ro'))!.split(':')[0]!;
+  const config = parse(readFileSync(join(REPO, mounted), 'utf8'));
+  const envoy = loadShippedConfig('envoy-sds.yaml');
+  const cluster = (name: string): any => envoy.static_resources.clusters.find((c: any) => c.name === name).load_assignment.endpoints[0].lb_endpoints[0].endpoint;
+  const sds = cluster('oauth2_extproc').address.socket_address;
+  assert.equal(config.server.grpc, `${sds.address}:${sds.port_value}`);
+  assert.equal(sds.address, '127.0.0.1');
+  const check = cluster('backend').health_check_config.address.socket_address;
+  assert.equal(config.server.admin, `0.0.0.0:${check.port_value}`);
+  assert.ok((compose.services.envoy.ports as string[]).includes(`127.0.0.1:${check.port_value}:${check.port_value}`));
+});
 
 before(async () => {
   if (missing !== undefined) return;
