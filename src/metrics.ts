@@ -37,6 +37,7 @@ export class Metrics {
   private readonly sources = {
     openStreams: (): number => 0,
     requests: (() => []) as RequestCounts,
+    checks: (() => []) as RequestCounts,
     profiles: new Set<string>(),
     expiry: new Map<string, () => number | undefined>(),
   };
@@ -48,7 +49,7 @@ export class Metrics {
     if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'oauth2_extproc_' });
     this.requests = new Counter({
       name: 'oauth2_extproc_requests_total',
-      help: 'request_headers messages answered, by profile and outcome',
+      help: 'Requests answered (ext_proc request_headers messages and ext_authz checks), by profile and outcome',
       labelNames: ['profile', 'outcome'],
       registers,
       // Counted per message in plain integers by the handler (see observeRequests), copied here
@@ -61,6 +62,7 @@ export class Metrics {
         // `increase(...{outcome="denied"}[5m]) > 0` sees the first denials after a restart.
         for (const profile of sources.profiles) for (const outcome of PROFILE_OUTCOMES) this.inc({ profile, outcome }, 0);
         for (const [profile, outcome, count] of sources.requests()) this.inc({ profile, outcome }, count);
+        for (const [profile, outcome, count] of sources.checks()) this.inc({ profile, outcome }, count);
       },
     });
     this.tokenFetches = new Counter({
@@ -141,6 +143,11 @@ export class Metrics {
   /** Request counts are read from the handler when scraped (counted from zero by it). */
   observeRequests(source: RequestCounts): void {
     this.sources.requests = source;
+  }
+
+  /** ext_authz checks answered, read from its service when scraped, counted with the requests. */
+  observeChecks(source: RequestCounts): void {
+    this.sources.checks = source;
   }
 
   /** Seconds to expiry of a profile's token, read when scraped; undefined = no token. */

@@ -13,6 +13,7 @@ import { DEFAULT_PROFILE } from '../config.ts';
 import { describeError, type DenyReason } from '../errors.ts';
 import { deny } from '../header-mutation.ts';
 import type { Logger } from '../logger.ts';
+import type { Metrics, RequestOutcome } from '../metrics.ts';
 import { HeaderNamePolicy } from '../policy/header-names.ts';
 import { QueryNamePolicy, type ByteString } from '../policy/query-names.ts';
 import type { Token } from '../token.ts';
@@ -55,6 +56,8 @@ class ProfilePolicy {
   private readonly denied: Buffer;
   private token: Token | undefined;
   private usual: Buffer;
+  /** Checks answered per outcome, read by /metrics when scraped (plain integers, as ext_proc's). */
+  readonly counts = { injected: 0, denied: 0, allowed_without_token: 0 };
 
   constructor(binding: AuthzBinding) {
     this.config = binding.config;
@@ -68,7 +71,11 @@ class ProfilePolicy {
 
   answer(request: PeekedCheck): Buffer {
     const token = this.tokens.current();
-    if (token === undefined && this.config.onFailure === 'deny') return this.denied;
+    if (token === undefined && this.config.onFailure === 'deny') {
+      this.counts.denied++;
+      return this.denied;
+    }
+    this.counts[token === undefined ? 'allowed_without_token' : 'injected']++;
     if (token !== this.token) {
       this.token = token;
       this.usual = encodeCheckResponse(this.allowed(token, [], []));
@@ -120,10 +127,20 @@ export class ExtAuthzService {
   private readonly internalError = encodeCheckResponse(denial(500, 'internal', ''));
   /** Deny answers for names Envoy sent that are not configured (bounded: they come from its config). */
   private readonly unknownReplies = new Map<string, Buffer>();
+  /** Checks naming a profile that is not configured, by name (bounded like the log). */
+  private readonly unknownCounts = new Map<string, number>();
 
-  constructor(options: { profiles: readonly AuthzBinding[]; logger: Logger }) {
+  constructor(options: { profiles: readonly AuthzBinding[]; logger: Logger; metrics?: Metrics }) {
     for (const binding of options.profiles) this.policies.set(binding.config.name, new ProfilePolicy(binding));
     this.logger = options.logger;
+    options.metrics?.observeChecks(() => this.checkCounts());
+  }
+
+  private *checkCounts(): Generator<readonly [string, RequestOutcome, number]> {
+    for (const [name, policy] of this.policies) {
+      for (const [outcome, count] of Object.entries(policy.counts)) yield [name, outcome as RequestOutcome, count];
+    }
+    for (const [name, count] of this.unknownCounts) yield [name, 'unknown_profile', count];
   }
 
   /** The grpc-js handlers, for `server.addService(authzService, handlers)`. */
@@ -150,6 +167,8 @@ export class ExtAuthzService {
     if (policy !== undefined) return policy.answer(request);
     this.warnUnknown(name);
     const shown = name.slice(0, 64);
+    const counted = this.unknownCounts.has(shown) || this.unknownCounts.size < UNKNOWN_PROFILES_LOGGED ? shown : '(other)';
+    this.unknownCounts.set(counted, (this.unknownCounts.get(counted) ?? 0) + 1);
     let reply = this.unknownReplies.get(shown);
     if (reply === undefined) {
       reply = encodeCheckResponse(denial(500, 'unknownProfile', shown));

@@ -5,6 +5,7 @@ import { after, before, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { parseConfig } from '../../src/config.ts';
 import { createLogger } from '../../src/logger.ts';
+import { Metrics } from '../../src/metrics.ts';
 import { authzService, ExtAuthzService } from '../../src/protocols/ext-authz.ts';
 import type { Token } from '../../src/token.ts';
 import { upstreamClient } from '../helpers/xds-client.ts';
@@ -20,9 +21,11 @@ const tokens: Record<string, Token | undefined> = {};
 const token = (accessToken: string): Token => ({ accessToken, tokenType: 'Bearer', obtainedAt: 0, expiresAt: 1, refreshInSeconds: undefined });
 const logLines: Array<Record<string, any>> = [];
 const logger = createLogger('debug', { write: (line: string) => void logLines.push(JSON.parse(line)) });
+const metrics = new Metrics({ defaultMetrics: false });
 const service = new ExtAuthzService({
   profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: { current: () => tokens[p.name] } })),
   logger,
+  metrics,
 });
 
 let server: grpc.Server;
@@ -120,4 +123,24 @@ test('an unknown profile: denied with 500 and the unknown-profile body, logged o
     assert.deepEqual(JSON.parse(res.denied_response.body), { error: 'OAUTH2_ERR_UNKNOWN_PROFILE', message: 'the stream names a profile that is not configured', profile: 'nope' });
   }
   assert.equal(logLines.slice(before).filter((l) => l.profile === 'nope').length, 1);
+});
+
+test('every check is counted in oauth2_extproc_requests_total by profile and outcome', async () => {
+  const count = async (profile: string, outcome: string): Promise<number> => {
+    const text = await metrics.registry.getSingleMetricAsString('oauth2_extproc_requests_total');
+    const m = new RegExp(`^oauth2_extproc_requests_total\\{profile="${profile}",outcome="${outcome}"\\} (\\d+)$`, 'm').exec(text);
+    return m === null ? 0 : Number(m[1]);
+  };
+  const before = { injected: await count('default', 'injected'), denied: await count('reports', 'denied'), allowed: await count('lenient', 'allowed_without_token'), unknown: await count('nope', 'unknown_profile') };
+  tokens.default = token('t-count');
+  tokens.reports = undefined;
+  tokens.lenient = undefined;
+  await check('/a', {});
+  await check('/a', {}, 'reports');
+  await check('/a', {}, 'lenient');
+  await check('/a', {}, 'nope');
+  assert.equal(await count('default', 'injected'), before.injected + 1);
+  assert.equal(await count('reports', 'denied'), before.denied + 1);
+  assert.equal(await count('lenient', 'allowed_without_token'), before.allowed + 1);
+  assert.equal(await count('nope', 'unknown_profile'), before.unknown + 1);
 });
