@@ -3,7 +3,7 @@
 // silently ignored is an error), the AZURE_* defaults, and the key/certificate checks done
 // once at start (and by check-config) so a mismatched pair fails before a port is bound.
 import { readFileSync } from 'node:fs';
-import { isAbsolute, resolve } from 'node:path';
+import { isAbsolute, join, resolve } from 'node:path';
 import { IMDS_TOKEN_URL } from './client-auth/managed-identity.ts';
 import {
   algorithmMismatch, certificateFacts, defaultAlgorithm, keyMatchesCertificate, loadCertificate, loadPrivateKey, pemCertificates,
@@ -50,6 +50,7 @@ export function parseClientAuth(
   baseDir: string,
   scope: string | undefined,
   resourceIn: string | undefined,
+  arcKeyDir: string | undefined,
 ): ClientAuthFields {
   const clientAuth = v.oneOf(p.clientAuth, `${at}.clientAuth`, [...CLIENT_AUTH_METHODS_LOCAL], 'client_secret_post');
   const keys = METHOD_KEYS[clientAuth];
@@ -146,6 +147,7 @@ export function parseClientAuth(
     let kind: ManagedIdentityConfig['kind'] = 'imds';
     let url = IMDS_TOKEN_URL;
     let identityHeader: SecretValue | undefined;
+    // identityEndpoint, when written, wins over what the platform sets.
     if (has('identityEndpoint')) {
       const endpoint = v.string(p.identityEndpoint, `${at}.identityEndpoint`, { required: true });
       if (endpoint !== undefined) {
@@ -154,17 +156,29 @@ export function parseClientAuth(
         url = URL.canParse(endpoint) && new URL(endpoint).pathname === '/' ? `${new URL(endpoint).origin}/metadata/identity/oauth2/token` : endpoint;
       }
     } else if (env.IDENTITY_ENDPOINT && env.IDENTITY_HEADER) {
-      // App Service, Functions, Container Apps (and Arc-style hosts) set both.
+      // App Service, Functions and Container Apps set both.
       kind = 'app_service';
       url = env.IDENTITY_ENDPOINT;
       const header = env.IDENTITY_HEADER;
       identityHeader = { read: () => header };
       v.url(url, `${at}.clientAuth (IDENTITY_ENDPOINT)`);
+    } else if (env.IDENTITY_ENDPOINT && env.IMDS_ENDPOINT) {
+      // An Azure Arc-enabled server sets these two and no IDENTITY_HEADER; its endpoint answers
+      // with a challenge only a local administrator or the himds group can meet (Microsoft,
+      // "Authenticate against Azure resources with Azure Arc-enabled servers").
+      kind = 'arc';
+      url = env.IDENTITY_ENDPOINT;
+      v.url(url, `${at}.clientAuth (IDENTITY_ENDPOINT)`);
+      if (chosen.length > 0) v.problem(`${at}.${chosen[0]}`, 'an Azure Arc-enabled server has only its system-assigned identity');
+    } else if (env.IDENTITY_ENDPOINT) {
+      // Neither App Service nor Arc: asking IMDS instead would hide the misconfiguration.
+      v.problem(`${at}.clientAuth`, 'IDENTITY_ENDPOINT is set without IDENTITY_HEADER (App Service, Container Apps) or IMDS_ENDPOINT (Azure Arc): set both of one pair, or identityEndpoint');
     }
     managedIdentity = {
       kind,
       url,
       identityHeader,
+      ...(kind === 'arc' ? { arcKeyDir: arcKeyDir ?? arcTokensFolder(env) } : {}),
       clientId: has('clientId') ? v.string(p.clientId, `${at}.clientId`, { required: true }) : undefined,
       objectId: has('objectId') ? v.string(p.objectId, `${at}.objectId`, { required: true }) : undefined,
       resourceId: has('resourceId') ? v.string(p.resourceId, `${at}.resourceId`, { required: true }) : undefined,
@@ -208,6 +222,12 @@ export function parseClientAuth(
 
 // Listed here too (config.ts exports the public one) so this file needs nothing at run time from config.ts.
 const CLIENT_AUTH_METHODS_LOCAL = Object.keys(METHOD_KEYS) as ClientAuth[];
+
+/** Where the Connected Machine agent writes its challenge key files (Microsoft's Arc document). */
+function arcTokensFolder(env: NodeJS.ProcessEnv): string {
+  if (process.platform === 'win32') return join(env.ProgramData ?? 'C:\\ProgramData', 'AzureConnectedMachineAgent', 'Tokens');
+  return '/var/opt/azcmagent/tokens';
+}
 
 /** Parses the key (and certificate) now, so a broken or mismatched pair fails at start. */
 function checkKeys(

@@ -57,11 +57,16 @@ export interface AssertionConfig {
 }
 
 export interface ManagedIdentityConfig {
-  /** IMDS, or the App Service / Container Apps endpoint (IDENTITY_ENDPOINT + IDENTITY_HEADER). */
-  readonly kind: 'imds' | 'app_service';
+  /**
+   * IMDS; the App Service / Container Apps endpoint (IDENTITY_ENDPOINT + IDENTITY_HEADER); or
+   * an Azure Arc-enabled server's (IDENTITY_ENDPOINT + IMDS_ENDPOINT, a key-file challenge).
+   */
+  readonly kind: 'imds' | 'app_service' | 'arc';
   /** The endpoint's token URL, without query. */
   readonly url: string;
   readonly identityHeader: SecretValue | undefined;
+  /** Arc: the folder its challenge's key file must be in (the agent's tokens folder). */
+  readonly arcKeyDir?: string | undefined;
   /** A user-assigned identity, chosen by at most one of these. */
   readonly clientId: string | undefined;
   readonly objectId: string | undefined;
@@ -145,6 +150,8 @@ export interface LoadOptions {
   env?: NodeJS.ProcessEnv;
   /** Relative `${file:…}` paths resolve against this folder (the config file's by default). */
   baseDir?: string;
+  /** Azure Arc's tokens folder, for tests (default: the agent's, /var/opt/azcmagent/tokens on Linux). */
+  arcKeyDir?: string;
 }
 
 /** Reads and validates a config file. Throws ConfigError listing every problem. */
@@ -155,7 +162,7 @@ export function loadConfig(file: string, options: LoadOptions = {}): Config {
   } catch (err) {
     throw new ConfigError([{ path: file, message: `cannot read the config file (${(err as NodeJS.ErrnoException).code ?? 'error'})` }]);
   }
-  return parseConfig(text, { env: options.env ?? process.env, baseDir: options.baseDir ?? resolve(file, '..') });
+  return parseConfig(text, { ...options, env: options.env ?? process.env, baseDir: options.baseDir ?? resolve(file, '..') });
 }
 
 export function parseConfig(text: string, options: LoadOptions = {}): Config {
@@ -205,7 +212,7 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
       if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) {
         problems.push({ path: `profiles.${name}`, message: 'a profile name uses letters, digits, ".", "_" and "-"' });
       }
-      const profile = parseProfile(v, name, raw, env, baseDir);
+      const profile = parseProfile(v, name, raw, env, baseDir, options.arcKeyDir);
       if (profile !== undefined) profiles[name] = profile;
     }
   }
@@ -229,7 +236,9 @@ function parseWorkers(v: Validator, raw: unknown): number {
   return v.number(expanded, 'server.workers', { default: 1, min: 1, max: MAX_WORKERS, integer: true });
 }
 
-function parseProfile(v: Validator, name: string, raw: unknown, env: NodeJS.ProcessEnv, baseDir: string): ProfileConfig | undefined {
+function parseProfile(
+  v: Validator, name: string, raw: unknown, env: NodeJS.ProcessEnv, baseDir: string, arcKeyDir: string | undefined,
+): ProfileConfig | undefined {
   const at = `profiles.${name}`;
   const p = v.object(raw, at, [
     'clientAuth', 'scope', 'resource', ...CLIENT_AUTH_KEYS,
@@ -239,7 +248,7 @@ function parseProfile(v: Validator, name: string, raw: unknown, env: NodeJS.Proc
 
   const scope = v.string(p.scope, `${at}.scope`);
   // Which keys each clientAuth needs, allows or ignores: config-client-auth.ts.
-  const auth = parseClientAuth(v, at, p, env, baseDir, scope, v.string(p.resource, `${at}.resource`));
+  const auth = parseClientAuth(v, at, p, env, baseDir, scope, v.string(p.resource, `${at}.resource`), arcKeyDir);
   const resource = auth.resource;
   const audience = v.string(p.audience, `${at}.audience`);
 
@@ -432,7 +441,9 @@ function describeClientAuth(p: ProfileConfig): string[] {
     case 'managed_identity': {
       const mi = p.managedIdentity;
       if (mi !== undefined) {
-        lines.push(`identity endpoint: ${mi.kind === 'app_service' ? 'App Service (IDENTITY_ENDPOINT, IDENTITY_HEADER)' : 'IMDS'} ${mi.url} (never through a proxy)`);
+        const kind = { imds: 'IMDS', app_service: 'App Service (IDENTITY_ENDPOINT, IDENTITY_HEADER)', arc: 'Azure Arc (IDENTITY_ENDPOINT, IMDS_ENDPOINT)' }[mi.kind];
+        lines.push(`identity endpoint: ${kind} ${mi.url} (never through a proxy)`);
+        if (mi.kind === 'arc') lines.push(`challenge key file: in ${mi.arcKeyDir ?? ''} (contents not shown)`);
         const user = mi.clientId ?? mi.objectId ?? mi.resourceId;
         lines.push(`identity: ${user === undefined ? 'system-assigned' : `user-assigned ${user}`}`);
       }

@@ -84,10 +84,20 @@ export class TokenSource {
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), profile.timeoutMs);
     try {
-      for (let attempt = 0; ; attempt++) {
-        const answer = await this.#ask(url, options, dispatcher, controller.signal, credentials.secrets, exchange?.adaptBody);
+      // Azure Arc's challenge is met once; a second 401 is the endpoint's error.
+      let challenge = exchange?.challenge;
+      for (let attempt = 0; ;) {
+        const answer = await this.#ask(url, options, dispatcher, controller.signal, credentials.secrets, exchange?.adaptBody, challenge !== undefined);
+        if ('wwwAuthenticate' in answer) {
+          const reply = challenge!(answer.wwwAuthenticate);
+          // Pushed into the list #ask masks with, before anything can echo it.
+          credentials.secrets.push(...reply.secrets);
+          options = { ...options, headers: { ...options.headers, ...reply.headers } };
+          challenge = undefined;
+          continue;
+        }
         if (answer instanceof TokenEndpointError && exchange !== undefined && exchange.retryStatuses(answer.status)) {
-          const delay = exchange.retryDelaysMs[attempt];
+          const delay = exchange.retryDelaysMs[attempt++];
           if (delay !== undefined) {
             await sleep(Math.max(delay, (answer.retryAfterSeconds ?? 0) * 1000), undefined, { signal: controller.signal }).catch(() => undefined);
             if (!controller.signal.aborted) continue;
@@ -105,7 +115,10 @@ export class TokenSource {
     }
   }
 
-  /** One HTTP exchange; a non-2xx answer comes back as a TokenEndpointError (not thrown) so it can be retried. */
+  /**
+   * One HTTP exchange; a non-2xx answer comes back as a TokenEndpointError (not thrown) so it can
+   * be retried, and, when `challengeable`, a 401 with a challenge comes back as that challenge.
+   */
   async #ask(
     url: string,
     options: HttpCall,
@@ -113,12 +126,15 @@ export class TokenSource {
     signal: AbortSignal,
     secrets: string[],
     adaptBody: ((text: string, now: number) => string) | undefined,
-  ): Promise<Token | TokenEndpointError> {
+    challengeable: boolean,
+  ): Promise<Token | TokenEndpointError | { wwwAuthenticate: string }> {
     let res: Dispatcher.ResponseData | undefined;
     try {
       res = await request(url, { dispatcher, ...options, signal });
       const body = await readCapped(res.body, MAX_BODY_BYTES);
       const answeredAt = this.#clock.now();
+      const wwwAuthenticate = res.headers['www-authenticate'];
+      if (res.statusCode === 401 && challengeable && typeof wwwAuthenticate === 'string') return { wwwAuthenticate };
       if (res.statusCode < 200 || res.statusCode > 299) return endpointError(res.statusCode, res.headers, body, answeredAt, secrets);
       const adapted = adaptBody === undefined || body.truncated ? body : { ...body, text: adaptBody(body.text, answeredAt) };
       return parseTokenResponse(res.statusCode, res.headers, adapted, answeredAt, secrets);

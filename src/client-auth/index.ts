@@ -42,6 +42,11 @@ export interface Exchange {
   retryDelaysMs: readonly number[];
   /** Rewrites a 2xx body into an RFC 6749 §5.1 token response before it is parsed. */
   adaptBody(text: string, now: number): string;
+  /**
+   * Azure Arc: answers a 401's `WWW-Authenticate` with the headers to repeat the request with
+   * (once), and the secret values among them.
+   */
+  challenge?: (wwwAuthenticate: string) => { headers: Record<string, string>; secrets: string[] };
 }
 
 export interface ClientAuthMethod {

@@ -4,10 +4,18 @@
 //   ?api-version=2018-02-01&resource=…, header `Metadata: true` (learn.microsoft.com, "How to use
 //   managed identities for Azure resources on an Azure VM to acquire an access token");
 // - App Service, Functions, Container Apps: GET $IDENTITY_ENDPOINT?api-version=2019-08-01&resource=…,
-//   header `X-IDENTITY-HEADER: $IDENTITY_HEADER` ("How to use managed identities for App Service").
+//   header `X-IDENTITY-HEADER: $IDENTITY_HEADER` ("How to use managed identities for App Service");
+// - Azure Arc-enabled servers: GET $IDENTITY_ENDPOINT?api-version=2020-06-01&resource=…, header
+//   `Metadata: true`; the first answer is 401 with `WWW-Authenticate: Basic realm=<key file>`, and
+//   the request is repeated with `Authorization: Basic <that file's contents>` ("Authenticate
+//   against Azure resources with Azure Arc-enabled servers"). Reading the file proves the caller
+//   is a local administrator or in the himds group.
 // Both answer with numbers as strings and an `expires_on` that is epoch seconds or, on older
 // hosts, a date; both are host-local, so never through a proxy.
+import { readFileSync, realpathSync, statSync } from 'node:fs';
+import { extname, isAbsolute, relative, resolve } from 'node:path';
 import type { ProfileConfig } from '../config.ts';
+import { ClientAuthError, SecretReadError } from '../errors.ts';
 import type { ClientAuthMethod, Exchange } from './index.ts';
 import { readSecret } from './read.ts';
 
@@ -16,7 +24,12 @@ export const IMDS_TOKEN_URL = 'http://169.254.169.254/metadata/identity/oauth2/t
 // IMDS: 404 and 410 while it is being updated (Microsoft: retry 410 for up to 70 s), 429 when
 // throttled, 5xx transient. App Service documents only throttling and transient errors.
 const imdsRetry = (status: number): boolean => status === 404 || status === 410 || status === 429 || status >= 500;
+// App Service (and Arc, which documents none) retry only throttling and transient errors.
 const appServiceRetry = (status: number): boolean => status === 429 || status >= 500;
+/** The Azure SDKs refuse larger challenge files; the agent's are a few dozen bytes. */
+const ARC_KEY_MAX_BYTES = 4096;
+const API_VERSIONS = { imds: '2018-02-01', app_service: '2019-08-01', arc: '2020-06-01' } as const;
+const ENDPOINT_NAMES = { imds: 'IMDS', app_service: 'App Service identity endpoint', arc: 'Azure Arc identity endpoint' } as const;
 /** Exponential backoff within one fetch; the fetch's timeout cuts it short. */
 const RETRY_DELAYS_MS = [1000, 2000, 4000, 8000, 16_000];
 
@@ -26,7 +39,7 @@ export const managedIdentity: ClientAuthMethod = {
     if (mi === undefined) throw new Error(`profile ${profile.name} has no managed identity settings`);
     const appService = mi.kind === 'app_service';
     const url = new URL(mi.url);
-    url.searchParams.set('api-version', appService ? '2019-08-01' : '2018-02-01');
+    url.searchParams.set('api-version', API_VERSIONS[mi.kind]);
     url.searchParams.set('resource', profile.resource ?? '');
     // A user-assigned identity is chosen by one of these; none means the system-assigned one.
     if (mi.clientId !== undefined) url.searchParams.set('client_id', mi.clientId);
@@ -46,19 +59,52 @@ export const managedIdentity: ClientAuthMethod = {
       method: 'GET',
       url: url.toString(),
       direct: true,
-      retryStatuses: appService ? appServiceRetry : imdsRetry,
+      retryStatuses: mi.kind === 'imds' ? imdsRetry : appServiceRetry,
       retryDelaysMs: RETRY_DELAYS_MS,
       adaptBody: withExpiresIn,
+      ...(mi.kind === 'arc' ? { challenge: (header: string) => arcChallenge(profile, mi.arcKeyDir ?? '', header) } : {}),
     };
     return {
       form: {},
       headers,
       secrets,
-      details: { endpoint: `${appService ? 'App Service identity endpoint' : 'IMDS'} ${url.origin}${url.pathname}`, identity: identityName(mi) },
+      details: { endpoint: `${ENDPOINT_NAMES[mi.kind]} ${url.origin}${url.pathname}`, identity: identityName(mi) },
       exchange,
     };
   },
 };
+
+/**
+ * Arc's challenge: the key file it names must be a `.key` file in the agent's tokens folder (an
+ * endpoint that names another file is not Arc's, and must not make us send that file's
+ * contents); its contents are a secret, masked like the others and never logged.
+ */
+function arcChallenge(profile: ProfileConfig, keyDir: string, wwwAuthenticate: string): { headers: Record<string, string>; secrets: string[] } {
+  const m = /^Basic realm=(.+)$/i.exec(wwwAuthenticate.trim());
+  if (m === null) throw new ClientAuthError(`profile ${profile.name}: the Azure Arc identity endpoint answered 401 without a "Basic realm=<key file>" challenge`);
+  const file = resolve(m[1]!.replace(/^"(.*)"$/, '$1'));
+  const inside = (dir: string, path: string): boolean => {
+    const rel = relative(dir, path);
+    return rel !== '' && !rel.startsWith('..') && !isAbsolute(rel);
+  };
+  if (extname(file) !== '.key' || !inside(resolve(keyDir), file)) {
+    throw new ClientAuthError(`profile ${profile.name}: the Azure Arc identity endpoint names ${file}, which is not a .key file in ${keyDir}; not sent`);
+  }
+  let key: string;
+  try {
+    // A link in the folder must not lead out of it either.
+    if (!inside(realpathSync(keyDir), realpathSync(file))) throw new ClientAuthError(`profile ${profile.name}: the Azure Arc key file ${file} leads out of ${keyDir}; not sent`);
+    if (statSync(file).size > ARC_KEY_MAX_BYTES) throw new ClientAuthError(`profile ${profile.name}: the Azure Arc key file ${file} is larger than ${ARC_KEY_MAX_BYTES} bytes; not sent`);
+    key = readFileSync(file, 'utf8').trim();
+  } catch (err) {
+    if (err instanceof ClientAuthError) throw err;
+    const code = (err as NodeJS.ErrnoException | null)?.code;
+    const hint = code === 'EACCES' ? ': run as a local administrator or a member of the himds group' : '';
+    throw new SecretReadError(`cannot read the Azure Arc key file ${file} of profile ${profile.name}${code ? ` (${code})` : ''}${hint}`, { cause: err });
+  }
+  if (key === '') throw new SecretReadError(`the Azure Arc key file ${file} of profile ${profile.name} is empty`);
+  return { headers: { authorization: `Basic ${key}` }, secrets: [key] };
+}
 
 function identityName(mi: NonNullable<ProfileConfig['managedIdentity']>): string {
   if (mi.clientId !== undefined) return `user-assigned, client_id ${mi.clientId}`;

@@ -2,10 +2,13 @@
 // Service identity endpoint (test/helpers/azure-identity-server.ts says which documents).
 // Never 169.254.169.254: identityEndpoint or IDENTITY_ENDPOINT always point at 127.0.0.1.
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { parseExpiresOn } from '../../src/client-auth/managed-identity.ts';
 import { parseConfig, type ProfileConfig } from '../../src/config.ts';
-import { ConfigError, TokenEndpointError } from '../../src/errors.ts';
+import { ClientAuthError, ConfigError, TokenEndpointError } from '../../src/errors.ts';
 import { TokenSource } from '../../src/token-source.ts';
 import { azureDate, IMDS_PATH, startAzureIdentityServer, type AzureIdentityServer } from '../helpers/azure-identity-server.ts';
 import { startConnectProxy, type ConnectProxy } from '../helpers/connect-proxy.ts';
@@ -124,6 +127,102 @@ describe('managed_identity: App Service / Container Apps (IDENTITY_ENDPOINT, IDE
       assert.equal(err.status, 400);
       assert.ok(!err.message.includes('wrong-header-value'));
       return true;
+    });
+  });
+});
+
+describe('managed_identity: Azure Arc-enabled server (IDENTITY_ENDPOINT, IMDS_ENDPOINT, a key-file challenge)', () => {
+  const env = (): NodeJS.ProcessEnv => ({ IDENTITY_ENDPOINT: azure.arcEndpoint, IMDS_ENDPOINT: azure.arcImdsEndpoint });
+  const profile = (extra = 'resource: https://vault.azure.net', more: NodeJS.ProcessEnv = {}): ProfileConfig =>
+    parseConfig(`profiles:\n  default:\n    clientAuth: managed_identity\n${extra.replace(/^/gm, '    ')}\n`, {
+      env: { ...env(), ...more }, arcKeyDir: azure.arcKeyDir,
+    }).profiles.default!;
+  const arcRequests = (): typeof azure.requests => azure.requests.filter((r) => r.headers.host === new URL(azure.arcEndpoint).host);
+
+  test('the 401 names a key file; the request is repeated with Authorization: Basic <its contents>, api-version 2020-06-01', async () => {
+    const before = arcRequests().length;
+    const p = profile();
+    assert.deepEqual({ kind: p.managedIdentity?.kind, url: p.managedIdentity?.url, dir: p.managedIdentity?.arcKeyDir }, {
+      kind: 'arc', url: azure.arcEndpoint, dir: azure.arcKeyDir,
+    });
+    const token = await new TokenSource(p).fetch();
+    assert.equal(token.accessToken, azure.issued.at(-1));
+    const [first, second, ...more] = arcRequests().slice(before);
+    assert.equal(more.length, 0);
+    for (const r of [first!, second!]) {
+      assert.equal(r.headers.metadata, 'true');
+      assert.deepEqual(Object.fromEntries(r.query), { 'api-version': '2020-06-01', resource: 'https://vault.azure.net' });
+    }
+    assert.equal(first!.headers.authorization, undefined);
+    assert.match(second!.headers.authorization ?? '', /^Basic [0-9a-f]{64}$/);
+  });
+
+  test('never through a proxy, even with HTTP_PROXY set', async () => {
+    await new TokenSource(profile(undefined, { HTTP_PROXY: proxy.url, HTTPS_PROXY: proxy.url })).fetch();
+    assert.deepEqual([proxy.tunnels, proxy.forwarded], [[], []]);
+  });
+
+  test('a challenge naming a file outside the tokens folder, or not a .key file, is refused and that file is not sent', async () => {
+    const elsewhere = mkdtempSync(join(tmpdir(), 'not-arc-'));
+    const outside = join(elsewhere, 'stolen.key');
+    writeFileSync(outside, 'contents-that-must-not-leave');
+    const inDirNotKey = join(azure.arcKeyDir, 'agent.conf');
+    writeFileSync(inDirNotKey, 'not-a-key-file');
+    try {
+      for (const realm of [outside, inDirNotKey, `${azure.arcKeyDir}/../${elsewhere.split('/').at(-1)}/stolen.key`]) {
+        azure.arc.realm = realm;
+        const before = arcRequests().length;
+        await assert.rejects(new TokenSource(profile()).fetch(), (err) => {
+          assert.ok(err instanceof ClientAuthError, String(err));
+          assert.equal(err.code, 'OAUTH2_ERR_CLIENT_AUTH');
+          assert.match(err.message, /which is not a \.key file in /);
+          return true;
+        });
+        assert.equal(arcRequests().length - before, 1);
+      }
+    } finally {
+      azure.arc.realm = undefined;
+      rmSync(elsewhere, { recursive: true, force: true });
+    }
+  });
+
+  test('a key file that cannot be read is OAUTH2_ERR_SECRET naming the path', async () => {
+    const missing = join(azure.arcKeyDir, 'gone.key');
+    azure.arc.realm = missing;
+    try {
+      await assert.rejects(new TokenSource(profile()).fetch(), {
+        code: 'OAUTH2_ERR_SECRET', message: `cannot read the Azure Arc key file ${missing} of profile default (ENOENT)`,
+      });
+    } finally {
+      azure.arc.realm = undefined;
+    }
+  });
+
+  test('the key file\'s contents, echoed back by the endpoint, are masked in the error', async () => {
+    azure.arc.echoAuthorization = true;
+    try {
+      await assert.rejects(new TokenSource(profile()).fetch(), (err) => {
+        assert.ok(err instanceof TokenEndpointError);
+        assert.equal(err.status, 400);
+        const sent = arcRequests().at(-1)!.headers.authorization!.slice('Basic '.length);
+        const text = JSON.stringify({ message: err.message, description: err.oauthErrorDescription });
+        assert.ok(!text.includes(sent), text);
+        assert.match(err.message, /Authorization: Basic /);
+        return true;
+      });
+    } finally {
+      azure.arc.echoAuthorization = false;
+    }
+  });
+
+  test('config: a user-assigned identity on Arc, and IDENTITY_ENDPOINT alone, are problems by path', () => {
+    assert.throws(() => profile(`resource: https://vault.azure.net\nclientId: ${azure.userAssigned.clientId}`), {
+      message: 'profiles.default.clientId: an Azure Arc-enabled server has only its system-assigned identity',
+    });
+    assert.throws(() => parseConfig('profiles:\n  default:\n    clientAuth: managed_identity\n    resource: https://vault.azure.net\n', {
+      env: { IDENTITY_ENDPOINT: azure.arcEndpoint },
+    }), {
+      message: 'profiles.default.clientAuth: IDENTITY_ENDPOINT is set without IDENTITY_HEADER (App Service, Container Apps) or IMDS_ENDPOINT (Azure Arc): set both of one pair, or identityEndpoint',
     });
   });
 });

@@ -11,7 +11,19 @@
 //   [&client_id|principal_id|mi_res_id], header X-IDENTITY-HEADER = $IDENTITY_HEADER; the answer
 //   has expires_on (epoch seconds as a string; a date such as "11/24/2026 10:00:00 +00:00" on
 //   older versions) and no expires_in.
-import { randomBytes } from 'node:crypto';
+// - Azure Arc-enabled servers: "Authenticate against Azure resources with Azure Arc-enabled
+//   servers": the agent sets IDENTITY_ENDPOINT (http://localhost:40342/metadata/identity/oauth2/token)
+//   and IMDS_ENDPOINT (http://localhost:40342), no IDENTITY_HEADER; GET $IDENTITY_ENDPOINT
+//   ?api-version=2020-06-01&resource=…, header `Metadata: true`. Without an Authorization header
+//   the answer is 401 with `WWW-Authenticate: Basic realm=<tokens folder>/<id>.key`, a file the
+//   agent has just written (/var/opt/azcmagent/tokens on Linux, readable by root and the himds
+//   group; here a temporary folder); the client repeats the request with
+//   `Authorization: Basic <file contents>` and gets an IMDS-style answer. System-assigned only.
+//   A served Arc endpoint on its own port, as the agent's is.
+import { randomBytes, randomUUID } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { SignJWT } from 'jose';
@@ -33,6 +45,12 @@ export interface AzureIdentityServer {
   issued: string[];
   /** The next answers are these statuses (IMDS's documented transient ones), then real answers again. */
   fail(...statuses: number[]): void;
+  /** Azure Arc: IDENTITY_ENDPOINT, IMDS_ENDPOINT, and the tokens folder its key files are written in. */
+  arcEndpoint: string;
+  arcImdsEndpoint: string;
+  arcKeyDir: string;
+  /** Arc's behaviour for tests: a realm naming another file; a 400 that echoes the Authorization it got. */
+  arc: { realm: string | undefined; echoAuthorization: boolean };
   /** How App Service writes expires_on: epoch seconds (2019-08-01) or a date (older versions). */
   expiresOnFormat: 'epoch' | 'date';
   close(): Promise<void>;
@@ -53,9 +71,13 @@ export async function startAzureIdentityServer(): Promise<AzureIdentityServer> {
   };
 
   const state = { expiresOnFormat: 'epoch' as 'epoch' | 'date' };
-  const server: Server = createServer((req, res) => void answer(req, res));
+  const server: Server = createServer((req, res) => void answer(req, res, false));
+  const arcServer: Server = createServer((req, res) => void answer(req, res, true));
+  const arcKeyDir = mkdtempSync(join(tmpdir(), 'azcmagent-tokens-'));
+  const arcKeys = new Set<string>();
+  const arc = { realm: undefined as string | undefined, echoAuthorization: false };
 
-  async function answer(req: IncomingMessage, res: ServerResponse): Promise<void> {
+  async function answer(req: IncomingMessage, res: ServerResponse, isArc: boolean): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://x');
     requests.push({ path: url.pathname, query: url.searchParams, headers: req.headers });
     const send = (status: number, body: unknown): void => {
@@ -66,9 +88,28 @@ export async function startAzureIdentityServer(): Promise<AzureIdentityServer> {
     if (failure !== undefined) {
       return send(failure, { error: 'temporarily_unavailable', error_description: `IMDS test double answering ${failure}` });
     }
-    const appService = url.pathname === APP_SERVICE_PATH;
+    const appService = !isArc && url.pathname === APP_SERVICE_PATH;
     if (req.method !== 'GET' || (!appService && url.pathname !== IMDS_PATH)) return send(404, { error: 'not_found' });
-    if (appService) {
+    if (isArc) {
+      if (req.headers.metadata !== 'true') return send(400, { error: 'invalid_request', error_description: 'Required metadata header not specified' });
+      if (!['2019-11-01', '2020-06-01'].includes(url.searchParams.get('api-version') ?? '')) return send(400, { error: 'invalid_request', error_description: 'Invalid api-version' });
+      if (['client_id', 'object_id', 'msi_res_id'].some((k) => url.searchParams.has(k))) {
+        return send(400, { error: 'invalid_request', error_description: 'Arc-enabled servers have only a system-assigned identity' });
+      }
+      const authorization = req.headers.authorization;
+      const secret = authorization?.startsWith('Basic ') ? authorization.slice('Basic '.length) : undefined;
+      if (secret === undefined || !arcKeys.has(secret)) {
+        // A fresh key file per challenge, as the agent writes one.
+        const key = randomBytes(32).toString('hex');
+        const file = join(arcKeyDir, `${randomUUID()}.key`);
+        writeFileSync(file, key, { mode: 0o640 });
+        arcKeys.add(key);
+        res.writeHead(401, { 'content-type': 'application/json; charset=utf-8', 'www-authenticate': `Basic realm=${arc.realm ?? file}` });
+        res.end(JSON.stringify({ error: 'unauthorized', error_description: 'Unauthorized' }));
+        return;
+      }
+      if (arc.echoAuthorization) return send(400, { error: 'invalid_request', error_description: `bad request with Authorization: ${authorization}` });
+    } else if (appService) {
       if (req.headers['x-identity-header'] !== identityHeader) return send(400, { error: 'invalid_request', error_description: 'X-IDENTITY-HEADER missing or wrong' });
       if (url.searchParams.get('api-version') !== '2019-08-01') return send(400, { error: 'invalid_request', error_description: 'api-version' });
     } else {
@@ -117,11 +158,17 @@ export async function startAzureIdentityServer(): Promise<AzureIdentityServer> {
   }
 
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  await new Promise<void>((resolve) => arcServer.listen(0, '127.0.0.1', resolve));
   const origin = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const arcOrigin = `http://127.0.0.1:${(arcServer.address() as AddressInfo).port}`;
   return {
     origin,
     appServiceEndpoint: `${origin}${APP_SERVICE_PATH}`,
     identityHeader,
+    arcEndpoint: `${arcOrigin}${IMDS_PATH}`,
+    arcImdsEndpoint: arcOrigin,
+    arcKeyDir,
+    arc,
     userAssigned,
     requests,
     issued,
@@ -133,8 +180,11 @@ export async function startAzureIdentityServer(): Promise<AzureIdentityServer> {
       state.expiresOnFormat = value;
     },
     async close() {
-      server.closeAllConnections();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
+      for (const s of [server, arcServer]) {
+        s.closeAllConnections();
+        await new Promise<void>((resolve) => s.close(() => resolve()));
+      }
+      rmSync(arcKeyDir, { recursive: true, force: true });
     },
   };
 }
