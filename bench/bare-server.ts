@@ -9,7 +9,7 @@
 // Prints one JSON line `{"listening":"127.0.0.1:PORT"}` once bound; exits on SIGTERM/SIGINT.
 import { parseArgs } from 'node:util';
 import { Server, ServerCredentials, type ServerDuplexStream, type ServiceDefinition } from '@grpc/grpc-js';
-import { encodeResponse, PROCESS_PATH } from '../src/protocol.ts';
+import { encodeResponse, PROCESS_PATH } from '../src/protocols/ext-proc-wire.ts';
 
 /** The reply: a request_headers answer with an `authorization` value of `length` bytes. */
 export function constantReply(length: number): Buffer {

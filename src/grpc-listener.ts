@@ -11,10 +11,10 @@ import { constants as http2Constants } from 'node:http2';
 import { createServer, type Server as NetServer, type Socket } from 'node:net';
 import { Metadata, Server, ServerCredentials, status as grpcStatus, type ConnectionInjector, type ServerDuplexStream } from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
-import { ExtProcService, type ProfileBinding } from './ext-proc-service.ts';
+import { ExtProcService, type ProfileBinding } from './protocols/ext-proc.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics } from './metrics.ts';
-import { extProcService, SERVICE_NAME } from './protocol.ts';
+import { extProcService, SERVICE_NAME } from './protocols/ext-proc-wire.ts';
 import { authzService, ExtAuthzService } from './protocols/ext-authz.ts';
 import { SdsService, sdsService } from './protocols/sds.ts';
 

@@ -6,10 +6,10 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { parseConfig } from '../src/config.ts';
-import { ExtProcService } from '../src/ext-proc-service.ts';
+import { ExtProcService } from '../src/protocols/ext-proc.ts';
 import { createLogger } from '../src/logger.ts';
 import { Metrics } from '../src/metrics.ts';
-import { extProcService, PROCESS_PATH } from '../src/protocol.ts';
+import { extProcService, PROCESS_PATH } from '../src/protocols/ext-proc-wire.ts';
 import type { Token } from '../src/token.ts';
 import { requestHeaders, TYPICAL_HEADERS, upstreamMethod } from './helpers/extproc-client.ts';
 

@@ -3,11 +3,11 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { loadSync } from '@grpc/proto-loader';
-import { deny, continueWithoutToken, emptyReply, injectToken } from '../src/header-mutation.ts';
-import { encodeResponse, findPath, LOADER_OPTIONS, peekRequest, PROCESS_PATH, PROTO_DIR, PROTO_FILE, REQUEST_KIND_NAMES, decodeRequest } from '../src/protocol.ts';
+import { deny, continueWithoutToken, emptyReply, injectToken } from '../src/protocols/ext-proc-mutation.ts';
+import { encodeResponse, findPath, peekRequest, PROCESS_PATH, PROTO_FILE, REQUEST_KIND_NAMES, decodeRequest } from '../src/protocols/ext-proc-wire.ts';
 import { parseConfig } from '../src/config.ts';
 import { requestHeaders, TYPICAL_HEADERS, upstreamMethod } from './helpers/extproc-client.ts';
-import { loadService, messageType, packAny } from '../src/protocols/wire.ts';
+import { loadService, LOADER_OPTIONS, messageType, packAny, PROTO_DIR } from '../src/protocols/wire.ts';
 import { peekCheck } from '../src/protocols/ext-authz-wire.ts';
 import { decodeSecret, upstreamSecretType, upstreamService } from './helpers/xds-client.ts';
 

@@ -5,10 +5,10 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
-import { ExtProcService } from '../src/ext-proc-service.ts';
+import { ExtProcService } from '../src/protocols/ext-proc.ts';
 import { createLogger } from '../src/logger.ts';
 import { Metrics } from '../src/metrics.ts';
-import { extProcService } from '../src/protocol.ts';
+import { extProcService } from '../src/protocols/ext-proc-wire.ts';
 import { parseConfig } from '../src/config.ts';
 import { LIMITS } from '../src/grpc-listener.ts';
 import { resetFlood } from './helpers/grpc-attacks.ts';

@@ -1,7 +1,7 @@
 // ext_authz: Envoy's `Authorization/Check`, for proxies that offer ext_authz but not ext_proc
 // (Istio's CUSTOM AuthorizationPolicy, Envoy Gateway's SecurityPolicy.extAuth). One check per
 // request; the answer sets the token header and removes the subscription key, as the ext_proc
-// answer does, from the same policies (src/policy/) and the same deny body (header-mutation.ts).
+// answer does, from the same policies (src/policy/) and the same deny answer (src/policy/deny.ts).
 //
 // Envoy 1.40 facts (DESIGN.md, "Ways Envoy takes the token"): `query_parameters_to_remove`
 // matches a parameter's raw name exactly and splits the query at `&` only, so the answer lists
@@ -11,9 +11,9 @@ import { status as grpcStatus, type ServerUnaryCall, type sendUnaryData } from '
 import type { ProfileConfig } from '../config.ts';
 import { DEFAULT_PROFILE } from '../config.ts';
 import { describeError, type DenyReason } from '../errors.ts';
-import { deny } from '../header-mutation.ts';
 import type { Logger } from '../logger.ts';
 import type { Metrics, RequestOutcome } from '../metrics.ts';
+import { denyAnswer } from '../policy/deny.ts';
 import { HeaderNamePolicy } from '../policy/header-names.ts';
 import { QueryNamePolicy, type ByteString } from '../policy/query-names.ts';
 import type { Token } from '../token.ts';
@@ -187,17 +187,15 @@ export class ExtAuthzService {
   }
 }
 
-/** ext_proc's deny answer (same status, headers and JSON body) as a denied CheckResponse. */
+/** The deny answer ext_proc gives too (src/policy/deny.ts: status, headers, JSON body), as a denied CheckResponse. */
 function denial(status: number, reason: DenyReason, profile: string): CheckResponse {
-  const reply = deny(status, reason, profile);
-  if (!('immediate_response' in reply)) throw new TypeError('deny() gave no immediate_response');
-  const { immediate_response: immediate } = reply;
+  const answer = denyAnswer(status, reason, profile);
   return {
-    status: { code: DENY_CODES[reason], message: immediate.details },
+    status: { code: DENY_CODES[reason], message: answer.details },
     denied_response: {
-      status: { code: immediate.status.code },
-      headers: (immediate.headers.set_headers ?? []).map((h) => option(h.header.key, h.header.raw_value.toString('utf8'))),
-      body: immediate.body.toString('utf8'),
+      status: { code: answer.status },
+      headers: answer.headers.map(([name, value]) => option(name, value)),
+      body: answer.body,
     },
   };
 }

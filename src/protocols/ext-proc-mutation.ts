@@ -7,10 +7,11 @@
 // - ext_proc honours only the deprecated `append` flag (unset = overwrite) and ignores
 //   `append_action`; `append` stays unset and `append_action` says OVERWRITE_IF_EXISTS_OR_ADD
 //   for Envoys that do read it.
-import type { ProfileConfig } from './config.ts';
-import { denyReasons, type DenyReason } from './errors.ts';
-import type { ByteString } from './policy/query-names.ts';
-import type { Token } from './token.ts';
+import type { ProfileConfig } from '../config.ts';
+import type { DenyReason } from '../errors.ts';
+import { denyAnswer } from '../policy/deny.ts';
+import type { ByteString } from '../policy/query-names.ts';
+import type { Token } from '../token.ts';
 
 export interface HeaderValueOption {
   header: { key: string; raw_value: Buffer };
@@ -72,20 +73,16 @@ export function continueWithoutToken(profile: ProfileConfig, changes: RequestCha
   return { request_headers: { response: { header_mutation: mutation } } };
 }
 
-/** A local reply from Envoy: JSON body with a stable code, never a secret. */
+/** A local reply from Envoy (src/policy/deny.ts): JSON body with a stable code, never a secret. */
 export function deny(status: number, reason: DenyReason, profileName: string): ProcessingResponse {
-  const { code, message } = denyReasons[reason];
-  const body = JSON.stringify({ error: code, message, profile: profileName });
+  const answer = denyAnswer(status, reason, profileName);
   return {
     immediate_response: {
       // Envoy turns a missing status or one below 200 into 200: always set it.
-      status: { code: status },
-      headers: {
-        set_headers: [setHeader('content-type', 'application/json'), setHeader('cache-control', 'no-store')],
-      },
-      body: Buffer.from(body, 'utf8'),
-      // Shown by Envoy as %RESPONSE_CODE_DETAILS%; it replaces whitespace, so none is used.
-      details: `oauth2_extproc_${code.toLowerCase()}`,
+      status: { code: answer.status },
+      headers: { set_headers: answer.headers.map(([name, value]) => setHeader(name, value)) },
+      body: Buffer.from(answer.body, 'utf8'),
+      details: answer.details,
     },
   };
 }

@@ -3,14 +3,13 @@
 // as bytes; requests are only peeked at for which oneof they carry, and searched in their raw
 // bytes for what could change the answer (a removed query parameter in `:path`, another
 // spelling of a removed header's name): only a hit pays for more.
-import { fileURLToPath } from 'node:url';
 import type { ServiceDefinition } from '@grpc/grpc-js';
 import { loadSync, type MethodDefinition } from '@grpc/proto-loader';
 import protobuf from 'protobufjs';
-import type { HeaderNamePolicy } from './policy/header-names.ts';
-import type { ByteString } from './policy/query-names.ts';
+import type { HeaderNamePolicy } from '../policy/header-names.ts';
+import type { ByteString } from '../policy/query-names.ts';
+import { LOADER_OPTIONS, PROTO_DIR } from './wire.ts';
 
-export const PROTO_DIR = fileURLToPath(new URL('../proto/', import.meta.url));
 export const PROTO_FILE = 'envoy/service/ext_proc/v3/external_processor.proto';
 export const SERVICE_NAME = 'envoy.service.ext_proc.v3.ExternalProcessor';
 export const PROCESS_PATH = `/${SERVICE_NAME}/Process`;
@@ -39,7 +38,6 @@ export interface PeekedRequest {
 /** A reply already encoded; the codec writes it as is. */
 export type EncodedReply = Buffer;
 
-export const LOADER_OPTIONS = { keepCase: true, longs: String, enums: String, defaults: false, oneofs: true } as const;
 
 const packageDefinition = loadSync(PROTO_FILE, { ...LOADER_OPTIONS, includeDirs: [PROTO_DIR] });
 const processMethod = (packageDefinition[SERVICE_NAME] as Record<string, MethodDefinition<object, object>>).Process!;

@@ -3,16 +3,16 @@
 // waits on the token endpoint, and no path closes a stream with OK before request_headers is
 // answered (that would tell Envoy "continue unchanged": the caller's key and no token).
 import { Metadata, status as grpcStatus, type ServerDuplexStream } from '@grpc/grpc-js';
-import type { ProfileConfig } from './config.ts';
-import { DEFAULT_PROFILE } from './config.ts';
-import { describeError } from './errors.ts';
-import { continueWithoutToken, deny, emptyReply, injectToken, type RequestChanges } from './header-mutation.ts';
-import type { Logger } from './logger.ts';
-import type { Metrics, RequestOutcome } from './metrics.ts';
-import { HeaderNamePolicy } from './policy/header-names.ts';
-import { QueryNamePolicy, type ByteString } from './policy/query-names.ts';
-import { decodeRequest, encodeResponse, findPath, HeaderSpellingScanner, messageText, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './protocol.ts';
-import type { Token } from './token.ts';
+import type { ProfileConfig } from '../config.ts';
+import { DEFAULT_PROFILE } from '../config.ts';
+import { describeError } from '../errors.ts';
+import { continueWithoutToken, deny, emptyReply, injectToken, type RequestChanges } from './ext-proc-mutation.ts';
+import type { Logger } from '../logger.ts';
+import type { Metrics, RequestOutcome } from '../metrics.ts';
+import { HeaderNamePolicy } from '../policy/header-names.ts';
+import { QueryNamePolicy, type ByteString } from '../policy/query-names.ts';
+import { decodeRequest, encodeResponse, findPath, HeaderSpellingScanner, messageText, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './ext-proc-wire.ts';
+import type { Token } from '../token.ts';
 
 export const PROFILE_METADATA_KEY = 'x-oauth2-profile';
 

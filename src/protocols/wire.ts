@@ -2,10 +2,15 @@
 // ext_authz answer one message per token change or per check, so proto-loader's serializers are
 // fast enough), plus protobufjs types for messages packed into a google.protobuf.Any.
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { ServiceDefinition } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 import protobuf from 'protobufjs';
-import { LOADER_OPTIONS, PROTO_DIR } from '../protocol.ts';
+
+/** The trimmed protos (proto/ at the package root, from src/protocols/ or dist/protocols/). */
+export const PROTO_DIR = fileURLToPath(new URL('../../proto/', import.meta.url));
+/** proto-loader's options for every service here: field names as in the protos, enums by name. */
+export const LOADER_OPTIONS = { keepCase: true, longs: String, enums: String, defaults: false, oneofs: true } as const;
 
 export function loadService(file: string, service: string): ServiceDefinition {
   const definition = loadSync(file, { ...LOADER_OPTIONS, includeDirs: [PROTO_DIR] });

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { parseConfig } from '../src/config.ts';
-import { continueWithoutToken, injectToken } from '../src/header-mutation.ts';
-import type { Token } from '../src/token.ts';
+import { parseConfig } from '../../src/config.ts';
+import { continueWithoutToken, injectToken } from '../../src/protocols/ext-proc-mutation.ts';
+import type { Token } from '../../src/token.ts';
 
 const profile = parseConfig(`
 profiles:
