@@ -75,10 +75,14 @@ export class Validator {
       this.problem(path, 'required (it is empty)');
       return undefined;
     }
-    if (!template.some((part) => 'file' in part)) return { read: () => now };
     const baseDir = this.baseDir;
+    const files = template.flatMap((part) => ('file' in part ? [isAbsolute(part.file) ? part.file : resolve(baseDir, part.file)] : []));
+    const vars = template.flatMap((part) => ('env' in part ? [`\${${part.env}}`] : []));
+    const source = files.length > 0 ? `file ${files.join(', ')}` : vars.length > 0 ? vars.join(', ') : 'the config file';
+    if (files.length === 0) return { read: () => now, source };
     const env = this.env;
     return {
+      source,
       // Re-read so a rotated Kubernetes Secret is picked up by the next token fetch.
       read: () => template.map((part) => ('literal' in part ? part.literal : 'env' in part ? env[part.env] ?? '' : readSecretFile(part.file, baseDir))).join(''),
     };

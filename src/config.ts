@@ -20,6 +20,8 @@ export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' |
 /** A value that may come from a file and is read again each time it is used (rotated Secrets). */
 export interface SecretValue {
   read(): string;
+  /** Where the value comes from, safe to show: the file's path or the variable's name, never the value. */
+  readonly source?: string | undefined;
 }
 
 export interface RefreshConfig {

@@ -184,7 +184,7 @@ describe('a token from the real server', () => {
     rmSync(file);
     const unreadable = await fetchError(s, SecretReadError);
     assert.equal(unreadable.code, 'OAUTH2_ERR_SECRET');
-    assert.equal(unreadable.message, 'cannot read the client secret of profile default (ENOENT)');
+    assert.equal(unreadable.message, `cannot read the client secret of profile default (file ${file}: ENOENT)`);
   });
 
   test('an empty secret is not sent', async () => {

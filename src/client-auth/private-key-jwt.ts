@@ -3,32 +3,34 @@
 // by the next token request without a restart.
 import { randomUUID } from 'node:crypto';
 import { SignJWT, type JWTHeaderParameters } from 'jose';
-import { SecretReadError } from '../errors.ts';
+import { ClientAuthError } from '../errors.ts';
 import type { ClientAuthMethod } from './index.ts';
 import { JWT_BEARER_ASSERTION } from './jwt-bearer.ts';
 import { algorithmMismatch, certificateFacts, defaultAlgorithm, keyMatchesCertificate, loadCertificate, loadPrivateKey } from './keys.ts';
-import { readSecret } from './read.ts';
+import { named, readSecret } from './read.ts';
 
 export const DEFAULT_ASSERTION_LIFETIME_SECONDS = 300;
 
 export const privateKeyJwt: ClientAuthMethod = {
   async credentials(profile, now) {
     const clientId = readSecret(profile, profile.clientId, 'client id');
+    // Unreadable or empty: SecretReadError from readSecret. Read but unusable: ClientAuthError.
     const pem = readSecret(profile, profile.privateKey, 'private key');
-    const key = parseOr(() => loadPrivateKey(pem), profile.name, 'private key');
+    const keyName = named(profile, profile.privateKey, 'private key');
+    const key = parseOr(() => loadPrivateKey(pem), keyName);
     const algorithm = profile.assertion?.algorithm ?? defaultAlgorithm(key);
     const mismatch = algorithm === undefined ? `${key.asymmetricKeyType ?? 'this'} keys cannot sign an assertion` : algorithmMismatch(algorithm, key);
-    if (algorithm === undefined || mismatch !== undefined) {
-      throw new SecretReadError(`the private key of profile ${profile.name} does not fit: ${mismatch}`);
-    }
+    if (algorithm === undefined || mismatch !== undefined) throw new ClientAuthError(`${keyName} does not fit: ${mismatch}`);
 
     const header: JWTHeaderParameters = { alg: algorithm, typ: 'JWT' };
     if (profile.keyId !== undefined) header.kid = profile.keyId;
     const details: Record<string, unknown> = {};
     if (profile.certificate !== undefined) {
-      const cert = parseOr(() => loadCertificate(readSecret(profile, profile.certificate, 'certificate')), profile.name, 'certificate');
+      const certPem = readSecret(profile, profile.certificate, 'certificate');
+      const certName = named(profile, profile.certificate, 'certificate');
+      const cert = parseOr(() => loadCertificate(certPem), certName);
       if (!keyMatchesCertificate(key, cert)) {
-        throw new SecretReadError(`the private key of profile ${profile.name} does not match its certificate (${cert.subject.replace(/\n/g, ', ')})`);
+        throw new ClientAuthError(`${keyName} does not match ${certName}, which is for ${cert.subject.replace(/\n/g, ', ')}`);
       }
       const facts = certificateFacts(cert);
       // Entra's certificate credentials find the key by these (RFC 7515 §4.1.7-8).
@@ -59,10 +61,11 @@ export const privateKeyJwt: ClientAuthMethod = {
   },
 };
 
-function parseOr<T>(parse: () => T, profile: string, what: string): T {
+/** `name` is what was read ("the private key of profile default (/keys/key.pem)"); the message says why it is unusable. */
+function parseOr<T>(parse: () => T, name: string): T {
   try {
     return parse();
   } catch (err) {
-    throw new SecretReadError(`the ${what} of profile ${profile} ${(err as Error).message}`, { cause: err });
+    throw new ClientAuthError(`${name} ${(err as Error).message}`, { cause: err });
   }
 }

@@ -7,15 +7,22 @@ import { SecretReadError } from '../errors.ts';
 
 export function readSecret(profile: ProfileConfig, value: SecretValue | undefined, what: string): string {
   if (value === undefined) throw new SecretReadError(`profile ${profile.name} has no ${what}`);
+  const from = value.source === undefined ? '' : ` (${value.source})`;
   let s: string;
   try {
     s = value.read();
   } catch (err) {
     const code = (err as NodeJS.ErrnoException | null)?.code;
-    throw new SecretReadError(`cannot read the ${what} of profile ${profile.name}${code ? ` (${code})` : ''}`, { cause: err });
+    const why = [value.source, code].filter((x) => x !== undefined && x !== '').join(': ');
+    throw new SecretReadError(`cannot read the ${what} of profile ${profile.name}${why === '' ? '' : ` (${why})`}`, { cause: err });
   }
-  if (s === '') throw new SecretReadError(`the ${what} of profile ${profile.name} is empty`);
+  if (s === '') throw new SecretReadError(`the ${what} of profile ${profile.name}${from} is empty`);
   return s;
+}
+
+/** What a value read fine but cannot be used is called in an error: by where it is, never its content. */
+export function named(profile: ProfileConfig, value: SecretValue | undefined, what: string): string {
+  return `the ${what} of profile ${profile.name}${value?.source === undefined ? '' : ` (${value.source})`}`;
 }
 
 /** A file whose whole content is the credential (a projected service-account token). */

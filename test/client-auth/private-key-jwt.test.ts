@@ -2,7 +2,7 @@
 // makes), with the key forms people have, rotation on disk, and a proxy in between.
 import assert from 'node:assert/strict';
 import { createHash, createPublicKey, X509Certificate } from 'node:crypto';
-import { copyFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { decodeProtectedHeader, exportJWK, jwtVerify, type JWK } from 'jose';
@@ -176,7 +176,45 @@ describe('private_key_jwt against oidc-provider over HTTPS', () => {
     const source = new TokenSource(config(`privateKey: \${file:${keyFile}}\ncertificate: \${file:${keys.rsa8!.certFile}}`));
     try {
       copyFileSync(keys.next!.keyFile, keyFile);
-      await assert.rejects(source.fetch(), { code: 'OAUTH2_ERR_SECRET', message: 'the private key of profile default does not match its certificate (CN=rsa8)' });
+      await assert.rejects(source.fetch(), {
+        name: 'ClientAuthError',
+        code: 'OAUTH2_ERR_CLIENT_AUTH',
+        message: `the private key of profile default (file ${keyFile}) does not match the certificate of profile default (file ${keys.rsa8!.certFile}), which is for CN=rsa8`,
+      });
+    } finally {
+      await source.close();
+    }
+  });
+
+  test('a file that cannot be read is OAUTH2_ERR_SECRET naming its path; one read but not usable is OAUTH2_ERR_CLIENT_AUTH', async () => {
+    const keyFile = join(pki.dir, 'moving.key');
+    const certFile = join(pki.dir, 'moving.crt');
+    copyFileSync(keys.rsa8!.keyFile, keyFile);
+    copyFileSync(keys.rsa8!.certFile, certFile);
+    const source = new TokenSource(config(`privateKey: \${file:${keyFile}}\ncertificate: \${file:${certFile}}`));
+    try {
+      rmSync(certFile);
+      await assert.rejects(source.fetch(), {
+        name: 'SecretReadError', code: 'OAUTH2_ERR_SECRET', message: `cannot read the certificate of profile default (file ${certFile}: ENOENT)`,
+      });
+      writeFileSync(certFile, '');
+      await assert.rejects(source.fetch(), {
+        name: 'SecretReadError', code: 'OAUTH2_ERR_SECRET', message: `the certificate of profile default (file ${certFile}) is empty`,
+      });
+      writeFileSync(certFile, '-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n');
+      await assert.rejects(source.fetch(), {
+        name: 'ClientAuthError', code: 'OAUTH2_ERR_CLIENT_AUTH', message: `the certificate of profile default (file ${certFile}) is not a PEM certificate`,
+      });
+      copyFileSync(keys.rsa8!.certFile, certFile);
+      writeFileSync(keyFile, '-----BEGIN PRIVATE KEY-----\ntruncated\n');
+      await assert.rejects(source.fetch(), (err) => {
+        assert.equal((err as Error).name, 'ClientAuthError');
+        assert.equal((err as { code: string }).code, 'OAUTH2_ERR_CLIENT_AUTH');
+        assert.ok((err as Error).message.startsWith(`the private key of profile default (file ${keyFile}) is not a PEM private key `), (err as Error).message);
+        return true;
+      });
+      copyFileSync(keys.ec1!.keyFile, keyFile);
+      await assert.rejects(source.fetch(), { name: 'ClientAuthError', code: 'OAUTH2_ERR_CLIENT_AUTH' });
     } finally {
       await source.close();
     }

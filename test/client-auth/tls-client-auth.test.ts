@@ -3,7 +3,7 @@
 // the same through a CONNECT proxy.
 import assert from 'node:assert/strict';
 import { createHash, X509Certificate } from 'node:crypto';
-import { copyFileSync } from 'node:fs';
+import { copyFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { parseConfig, type ProfileConfig } from '../../src/config.ts';
@@ -88,6 +88,28 @@ describe('tls_client_auth against oidc-provider (features.mTLS)', () => {
       copyFileSync(rotated.certFile, certFile);
       copyFileSync(rotated.keyFile, keyFile);
       assert.deepEqual((await server.verify((await source.fetch()).accessToken)).cnf, { 'x5t#S256': s256(rotated.cert) });
+    } finally {
+      await source.close();
+    }
+  });
+
+  test('a pair rotated out of step is OAUTH2_ERR_CLIENT_AUTH; a missing file is OAUTH2_ERR_SECRET naming its path', async () => {
+    const certFile = join(pki.dir, 'step-mtls.crt');
+    const keyFile = join(pki.dir, 'step-mtls.key');
+    copyFileSync(first.certFile, certFile);
+    copyFileSync(first.keyFile, keyFile);
+    const source = new TokenSource(profile(certFile, keyFile));
+    try {
+      copyFileSync(rotated.certFile, certFile);
+      await assert.rejects(source.fetch(), {
+        name: 'ClientAuthError',
+        code: 'OAUTH2_ERR_CLIENT_AUTH',
+        message: `the private key of profile default (file ${keyFile}) does not match the certificate of profile default (file ${certFile})`,
+      });
+      rmSync(keyFile);
+      await assert.rejects(source.fetch(), {
+        name: 'SecretReadError', code: 'OAUTH2_ERR_SECRET', message: `cannot read the private key of profile default (file ${keyFile}: ENOENT)`,
+      });
     } finally {
       await source.close();
     }
