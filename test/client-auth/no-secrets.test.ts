@@ -4,6 +4,9 @@
 import assert from 'node:assert/strict';
 import { createPublicKey, generateKeyPairSync, randomUUID } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -180,4 +183,135 @@ test('no secret, assertion, key or token in logs at trace, metrics, check-config
   assert.match(jwtOut, /certificate thumbprints: x5t#S256=/);
   assert.match(outputs.find(([w]) => w === 'token --profile mtls')![1], /client authentication: tls_client_auth\ncertificate: CN=orders-mtls/);
   assert.match(outputs.find(([w]) => w === 'token --profile appservice')![1], /endpoint: App Service identity endpoint http:\/\/127\.0\.0\.1:\d+\/msi\/token/);
+});
+
+// The whole request, value by value and longest first (so that what an endpoint keeps of a long
+// echo starts with the credential), in one of the encodings an endpoint might echo it in: each
+// failing fetch gets the next one. These are the encodings src/token-response.ts masks.
+const ECHO_VIEWS: ReadonlyArray<(value: string) => string> = [
+  (s) => s,
+  (s) => new URLSearchParams([['', s]]).toString().slice(1),
+  (s) => new URLSearchParams([['', s]]).toString().slice(1).replace(/\+/g, '%20'),
+  (s) => encodeURIComponent(s),
+  (s) => encodeURIComponent(s).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`),
+  (s) => Buffer.from(s).toString('base64'),
+  (s) => Buffer.from(s).toString('base64').replace(/=+$/, ''),
+  (s) => Buffer.from(s).toString('base64url'),
+  (s) => JSON.stringify(s).slice(1, -1),
+  (s) => JSON.stringify(s).slice(1, -1).replace(/\//g, '\\/'),
+  (s) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`),
+  (s) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;'),
+];
+
+/** Every encoding above of a secret, whole and as the 100 characters a truncated echo starts with. */
+function everyEncoding(secret: string): string[] {
+  return ECHO_VIEWS.map((view) => view(secret)).flatMap((e) => [e, e.slice(0, 100)]);
+}
+
+interface EchoServer {
+  url: string;
+  /** What each request carried: its form values and header values. */
+  seen: Map<string, string[][]>;
+  close(): Promise<void>;
+}
+
+/** Answers every request with 400 and the whole request echoed in error_description (ECHO_VIEWS, in turn per path). */
+async function startEcho(tls?: { key: string; cert: string }): Promise<EchoServer> {
+  const seen = new Map<string, string[][]>();
+  const handler = (req: IncomingMessage, res: ServerResponse): void => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      const path = new URL(req.url ?? '/', 'http://x').pathname;
+      const body = Buffer.concat(chunks).toString('utf8');
+      const values = [...new URLSearchParams(body).values(), ...Object.values(req.headers).flat().filter((v): v is string => typeof v === 'string'), req.url ?? ''];
+      values.sort((a, b) => b.length - a.length);
+      const requests = seen.get(path) ?? [];
+      requests.push(values);
+      seen.set(path, requests);
+      const view = ECHO_VIEWS[(requests.length - 1) % ECHO_VIEWS.length]!;
+      res.writeHead(400, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: 'invalid_request', error_description: values.map(view).join(' ') }));
+    });
+  };
+  const server = tls === undefined
+    ? createHttpServer(handler)
+    : createHttpsServer({ ...tls, requestCert: true, rejectUnauthorized: false }, handler);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const host = tls === undefined ? '127.0.0.1' : new URL(idp.tokenUrl).hostname;
+  return {
+    url: `${tls === undefined ? 'http' : 'https'}://${host}:${(server.address() as AddressInfo).port}`,
+    seen,
+    async close() {
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+test('failing fetches whose endpoint echoes the whole request: the running sidecar at trace level logs no assertion, key or identity header, in any encoding', async () => {
+  const tlsEcho = await startEcho({ key: pki.server.key, cert: pki.server.cert });
+  const msiEcho = await startEcho();
+  const identityHeader = `idh-${randomUUID()}`;
+  const fast = { minBackoffSeconds: 0.05, maxBackoffSeconds: 0.1, jitter: 0 };
+  const ca = { ca: `\${file:${pki.ca.certFile}}` };
+  const echoing = {
+    logging: { level: 'trace' },
+    profiles: {
+      jwt: {
+        ...config.profiles.jwt, tokenUrl: `${tlsEcho.url}/jwt/token`, tls: ca, refresh: fast,
+        assertion: { audience: idp.tokenUrl },
+      },
+      mtls: { ...config.profiles.mtls, tokenUrl: `${tlsEcho.url}/mtls/token`, tls: ca, refresh: fast },
+      appservice: { ...config.profiles.appservice, refresh: fast },
+    },
+  };
+  const sidecar = await startSidecar({
+    config: echoing, env: { IDENTITY_ENDPOINT: `${msiEcho.url}/msi/token`, IDENTITY_HEADER: identityHeader }, waitReady: false,
+  });
+  const failures = (profile: string): Array<Record<string, any>> =>
+    sidecar.logs().filter((r) => r.msg === 'token fetch failed' && r.profile === profile);
+  try {
+    // Every profile failed once per encoding at least.
+    for (const profile of ['jwt', 'mtls', 'appservice']) {
+      for (let n = 0; failures(profile).length < ECHO_VIEWS.length; n++) {
+        assert.ok(n < 300, `profile ${profile} failed ${failures(profile).length} times`);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    }
+    // And a request per profile meanwhile: denied, and logged at debug with the failure's code.
+    const client = new ExtProcClient(sidecar.grpcAddress);
+    for (const profile of ['jwt', 'mtls', 'appservice']) {
+      const { reply } = await client.exchange(requestHeaders(TYPICAL_HEADERS), { profile });
+      assert.equal(reply.immediate_response?.status.code, 'ServiceUnavailable', `profile ${profile} denied`);
+    }
+    client.close();
+  } finally {
+    assert.equal(await sidecar.stop(), 0);
+    await tlsEcho.close();
+    await msiEcho.close();
+  }
+  const output = [...sidecar.stdout, ...sidecar.stderr].join('\n');
+  assert.ok(sidecar.logs().some((r) => r.level === 'trace' || r.level === 'debug'), 'ran at trace level');
+
+  const secrets = new Map<string, string>();
+  const add = (values: string[], what: string): void => void values.forEach((v) => secrets.set(v, what));
+  const assertions = (tlsEcho.seen.get('/jwt/token') ?? []).map((values) => values[0]!);
+  assert.ok(assertions.length >= ECHO_VIEWS.length && assertions.every((a) => a.split('.').length === 3), 'the assertions were echoed');
+  for (const a of assertions) {
+    add(everyEncoding(a), 'a client assertion');
+    add(everyEncoding(a.split('.')[2]!), 'a client assertion\'s signature');
+  }
+  add(everyEncoding(identityHeader), 'IDENTITY_HEADER');
+  assert.ok((msiEcho.seen.get('/msi/token') ?? []).every((values) => values.includes(identityHeader)), 'the identity header was sent');
+  add(pemLines(jwtKey.key), 'the private_key_jwt key');
+  add(pemLines(mtlsKey.key), 'the tls_client_auth key');
+  assertClean('the sidecar\'s log output', output, secrets);
+
+  // The echo came back, and its credential part was masked.
+  for (const profile of ['jwt', 'appservice']) {
+    const described = failures(profile).map((r) => r.oauthErrorDescription as string);
+    assert.ok(described.length >= ECHO_VIEWS.length && described.every((d) => d.includes('[redacted]')), `${profile}: ${described[0]}`);
+  }
+  assert.equal(failures('mtls')[0]!.code, 'OAUTH2_ERR_TOKEN_STATUS');
 });
