@@ -138,6 +138,8 @@ export function parseClientAuth(
   if (clientAuth === 'managed_identity') {
     const chosen = (['clientId', 'objectId', 'resourceId'] as const).filter(has);
     if (chosen.length > 1) v.problem(`${at}.${chosen[1]}`, `a user-assigned identity is named by one of clientId, objectId, resourceId (${chosen.join(' and ')} are set)`);
+    // One resource per request: a scope beside it would be silently dropped.
+    if (resource !== undefined && scope !== undefined) v.problem(`${at}.scope`, 'not used with resource (managed_identity asks for one resource)');
     if (resource === undefined) {
       // Entra v1 resources, as IMDS takes them; a v2 scope "<resource>/.default" names the same.
       if (scope === undefined) v.problem(`${at}.resource`, `${needs} (or a scope ending in /.default)`);

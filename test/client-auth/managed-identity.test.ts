@@ -260,6 +260,9 @@ profiles:
     ]);
     return true;
   });
+  assert.throws(() => parseConfig('profiles:\n  default:\n    clientAuth: managed_identity\n    resource: https://vault.azure.net\n    scope: https://storage.azure.com/.default\n', { env: {} }), {
+    message: 'profiles.default.scope: not used with resource (managed_identity asks for one resource)',
+  });
   assert.throws(() => parseConfig('profiles:\n  default:\n    clientAuth: managed_identity\n', { env: {} }), {
     message: 'profiles.default.resource: required with clientAuth managed_identity (or a scope ending in /.default)',
   });
