@@ -222,7 +222,7 @@ export function parseConfig(text: string, options: LoadOptions = {}): Config {
   if (problems.length > 0) throw new ConfigError(problems);
   if (serverConfig.grpc !== '' && !serverConfig.grpc.startsWith('unix:') && !isLoopback(serverConfig.grpc.replace(/:\d+$/, ''))) {
     // Whoever reaches the port can have Envoy's requests answered with our tokens.
-    v.warning('server.grpc', `listens on ${serverConfig.grpc} without TLS: anyone who reaches it gets the tokens injected; bind 127.0.0.1 or a unix socket next to Envoy`);
+    v.warning('server.grpc', `listens on ${serverConfig.grpc} without TLS: anyone who reaches it gets the tokens injected; bind 127.0.0.1 or a unix socket next to Envoy, or restrict who can reach it (a NetworkPolicy, a compose network)`);
   }
   return deepFreeze({ server: serverConfig, logging: { level: level as LogLevel }, profiles, warnings: v.warnings });
 }

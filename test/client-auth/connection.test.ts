@@ -1,8 +1,9 @@
 // What every method that talks to a tokenUrl shares: tls.ca on top of the system CAs, the
 // HTTPS_PROXY / HTTP_PROXY / NO_PROXY proxy, and the warnings check-config and the sidecar give.
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { parse } from 'yaml';
 import { after, before, describe, test } from 'node:test';
 import { describeConfig, parseConfig } from '../../src/config.ts';
 import { TokenNetworkError } from '../../src/errors.ts';
@@ -120,7 +121,7 @@ profiles:
   const expected = [
     'profiles.default.clientSecret: a secret written into the config file; use ${file:PATH} (a mounted Secret) or ${VAR}',
     'profiles.default.tokenUrl: plain http to idp.internal.example: the client credentials and the token cross the network unencrypted',
-    'server.grpc: listens on 0.0.0.0:9001 without TLS: anyone who reaches it gets the tokens injected; bind 127.0.0.1 or a unix socket next to Envoy',
+    'server.grpc: listens on 0.0.0.0:9001 without TLS: anyone who reaches it gets the tokens injected; bind 127.0.0.1 or a unix socket next to Envoy, or restrict who can reach it (a NetworkPolicy, a compose network)',
   ];
 
   test('a literal secret, plain http to a remote host and a gRPC port open beyond loopback are warned about, by path', () => {
@@ -153,3 +154,33 @@ profiles:
 function escape(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
+
+describe('the warnings the shipped configs expect', () => {
+  const DEPLOY = new URL('../../deploy/', import.meta.url);
+  /** The shipped file, its secret files pointed at one that exists here. */
+  function shipped(path: string): { text: string; warnings: string[] } {
+    const text = readFileSync(new URL(path, DEPLOY), 'utf8');
+    const secret = join(pki.dir, 'shipped-secret');
+    writeFileSync(secret, 'not-a-real-secret');
+    const yaml = path.startsWith('istio/') ? parse(text.split('\n---\n')[0]!).data['config.yaml'] as string : text;
+    const config = parseConfig(yaml.replace(/\$\{file:[^}]+\}/g, `\${file:${secret}}`), { env: { TENANT_ID: 'tenant' } });
+    return { text, warnings: config.warnings.map((w) => `${w.path}: ${w.message}`) };
+  }
+
+  test('compose: server.grpc on 0.0.0.0 and plain http to idp:8080 (twice), each explained in the file', () => {
+    const { text, warnings } = shipped('compose/oauth2-extproc.yaml');
+    assert.deepEqual(warnings, [
+      'profiles.default.tokenUrl: plain http to idp:8080: the client credentials and the token cross the network unencrypted',
+      'profiles.reports.tokenUrl: plain http to idp:8080: the client credentials and the token cross the network unencrypted',
+      'server.grpc: listens on 0.0.0.0:9001 without TLS: anyone who reaches it gets the tokens injected; bind 127.0.0.1 or a unix socket next to Envoy, or restrict who can reach it (a NetworkPolicy, a compose network)',
+    ]);
+    assert.match(text, /Expected at every start of this stack[\s\S]*three config warnings[\s\S]*server\.grpc on 0\.0\.0\.0[\s\S]*Plain http to idp:8080, once per\n# profile/);
+  });
+
+  test('istio: only server.grpc on 0.0.0.0, explained in the file', () => {
+    const { text, warnings } = shipped('istio/oauth2-extproc.yaml');
+    assert.equal(warnings.length, 1);
+    assert.match(warnings[0]!, /^server\.grpc: listens on 0\.0\.0\.0:9001 without TLS: .*or restrict who can reach it/);
+    assert.match(text, /Expected: the start logs \(and check-config lists\) the server\.grpc warning/);
+  });
+});
