@@ -4,6 +4,7 @@ import { parseArgs } from 'node:util';
 import { describeConfig, loadConfig, type Config } from './config.ts';
 import { closest } from './config-validator.ts';
 import { ConfigError, describeError, TokenEndpointError, TokenFetchError } from './errors.ts';
+import { decodeJwtParts } from './jwt-parts.ts';
 import { createLogger } from './logger.ts';
 import { Sidecar } from './server.ts';
 import { TokenSource } from './token-source.ts';
@@ -186,7 +187,7 @@ async function fetchOneToken(config: Config, profileName: string, io: Io): Promi
       `expires in: ${Math.round((token.expiresAt - token.obtainedAt) / 1000)} s (at ${new Date(token.expiresAt).toISOString()})`,
     ];
     if (token.refreshInSeconds !== undefined) lines.push(`refresh in: ${token.refreshInSeconds} s (sent by the endpoint)`);
-    const jwt = decodeJwt(token.accessToken);
+    const jwt = decodeJwtParts(token.accessToken);
     if (jwt === undefined) {
       lines.push('format: opaque (not a JWT)');
     } else {
@@ -233,18 +234,4 @@ function describeSent(method: string, details: Record<string, unknown> | undefin
     lines.push(`certificate thumbprints: x5t#S256=${c.x5tS256} x5t=${c.x5t} (SHA-1 ${c.sha1Hex})`);
   }
   return lines;
-}
-
-/** Header and claims of a JWT, without verifying it; undefined for anything else. */
-export function decodeJwt(token: string): { header: unknown; claims: unknown } | undefined {
-  const parts = token.split('.');
-  if (parts.length !== 3) return undefined;
-  try {
-    const header = JSON.parse(Buffer.from(parts[0]!, 'base64url').toString('utf8')) as unknown;
-    const claims = JSON.parse(Buffer.from(parts[1]!, 'base64url').toString('utf8')) as unknown;
-    if (typeof header !== 'object' || header === null || typeof claims !== 'object' || claims === null) return undefined;
-    return { header, claims };
-  } catch {
-    return undefined;
-  }
 }

@@ -2,6 +2,7 @@
 // sanity rules of RFC 6749 §5.1/§5.2, with nothing of the HTTP exchange itself. Pure: the
 // status, headers, body and the moment it arrived go in; a Token or an error comes out.
 import { TokenEndpointError, TokenResponseError } from './errors.ts';
+import { formEncode } from './form-encoding.ts';
 import type { Token } from './token.ts';
 
 /** A token response is a few KB; an answer larger than this is not one (and not read whole). */
@@ -284,9 +285,4 @@ function encodings(secrets: readonly string[]): string[] {
   out.delete('');
   // Longest first only for readability of a debugger's view; the merge above makes order moot.
   return [...out].sort((a, b) => b.length - a.length);
-}
-
-/** application/x-www-form-urlencoded encoding of one value (WHATWG URL), as the request sends it. */
-function formEncode(value: string): string {
-  return new URLSearchParams([['', value]]).toString().slice(1);
 }

@@ -37,8 +37,3 @@ export function readTokenFile(profile: ProfileConfig, path: string): string {
   if (s === '') throw new SecretReadError(`the token file ${path} of profile ${profile.name} is empty`);
   return s;
 }
-
-/** application/x-www-form-urlencoded encoding of one value (WHATWG URL, as RFC 6749 Appendix B asks). */
-export function formEncode(value: string): string {
-  return new URLSearchParams([['', value]]).toString().slice(1);
-}

@@ -2,7 +2,8 @@
 // service-account token, as AKS Workload Identity mounts it) is the client assertion of a
 // federated credential (RFC 7523 §2.2). The kubelet rotates the file: read it at every fetch.
 import type { ClientAuthMethod } from './index.ts';
-import { decodeJwtParts, JWT_BEARER_ASSERTION } from './jwt-bearer.ts';
+import { decodeJwtParts } from '../jwt-parts.ts';
+import { JWT_BEARER_ASSERTION } from './jwt-bearer.ts';
 import { readSecret, readTokenFile } from './read.ts';
 
 export const workloadIdentity: ClientAuthMethod = {
