@@ -1,7 +1,8 @@
 // The command line: run the sidecar, check a config, or fetch one token for debugging.
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { describeConfig, loadConfig, type Config } from './config.ts';
+import { loadConfig, type Config } from './config.ts';
+import { describeConfig } from './config-summary.ts';
 import { closest } from './config-validator.ts';
 import { ConfigError, describeError, TokenEndpointError, TokenFetchError } from './errors.ts';
 import { decodeJwtParts } from './jwt-parts.ts';

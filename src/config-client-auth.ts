@@ -9,7 +9,7 @@ import {
   algorithmMismatch, certificateFacts, defaultAlgorithm, keyMatchesCertificate, loadCertificate, loadPrivateKey, pemCertificates,
   ASSERTION_ALGORITHMS, type AssertionAlgorithm,
 } from './client-auth/keys.ts';
-import type { AssertionConfig, ClientAuth, ManagedIdentityConfig, ProfileConfig, SecretValue } from './config.ts';
+import { CLIENT_AUTH_METHODS, type AssertionConfig, type ClientAuth, type ManagedIdentityConfig, type ProfileConfig, type SecretValue } from './config-types.ts';
 import type { Validator } from './config-validator.ts';
 import { DEFAULT_ASSERTION_LIFETIME_SECONDS } from './client-auth/private-key-jwt.ts';
 
@@ -52,7 +52,7 @@ export function parseClientAuth(
   resourceIn: string | undefined,
   arcKeyDir: string | undefined,
 ): ClientAuthFields {
-  const clientAuth = v.oneOf(p.clientAuth, `${at}.clientAuth`, [...CLIENT_AUTH_METHODS_LOCAL], 'client_secret_post');
+  const clientAuth = v.oneOf(p.clientAuth, `${at}.clientAuth`, [...CLIENT_AUTH_METHODS], 'client_secret_post');
   const keys = METHOD_KEYS[clientAuth];
   const legacy = clientAuth === 'client_secret_post' || clientAuth === 'client_secret_basic';
   const needs = legacy ? 'required' : `required with clientAuth ${clientAuth}`;
@@ -222,9 +222,6 @@ export function parseClientAuth(
   };
 }
 
-// Listed here too (config.ts exports the public one) so this file needs nothing at run time from config.ts.
-const CLIENT_AUTH_METHODS_LOCAL = Object.keys(METHOD_KEYS) as ClientAuth[];
-
 /** Where the Connected Machine agent writes its challenge key files (Microsoft's Arc document). */
 function arcTokensFolder(env: NodeJS.ProcessEnv): string {
   if (process.platform === 'win32') return join(env.ProgramData ?? 'C:\\ProgramData', 'AzureConnectedMachineAgent', 'Tokens');
@@ -296,24 +293,4 @@ function warnIfLiteral(v: Validator, path: string, raw: unknown): void {
 export function isLoopback(host: string): boolean {
   const h = host.replace(/^\[|\]$/g, '').toLowerCase();
   return h === 'localhost' || h.endsWith('.localhost') || h === '::1' || /^127\.\d+\.\d+\.\d+$/.test(h);
-}
-
-/** Reads the key and certificate now and says what check-config may show of them: key type, subject, thumbprints. */
-export function describeKeys(profile: ProfileConfig): string[] {
-  const lines: string[] = [];
-  try {
-    if (profile.privateKey !== undefined) {
-      const key = loadPrivateKey(profile.privateKey.read());
-      const alg = profile.assertion?.algorithm ?? defaultAlgorithm(key);
-      lines.push(`privateKey: ${key.asymmetricKeyType === 'rsa' ? `RSA ${key.asymmetricKeyDetails?.modulusLength ?? '?'} bits` : `EC ${key.asymmetricKeyDetails?.namedCurve ?? '?'}`} (not shown)${profile.clientAuth === 'private_key_jwt' ? `, signs ${alg}` : ''}`);
-    }
-    if (profile.certificate !== undefined) {
-      const f = certificateFacts(loadCertificate(profile.certificate.read()));
-      lines.push(`certificate: ${f.subject} (issuer ${f.issuer}, valid until ${f.notAfter})`);
-      lines.push(`certificate thumbprints: x5t#S256=${f.x5tS256} x5t=${f.x5t} (SHA-1 ${f.sha1Hex})`);
-    }
-  } catch (err) {
-    lines.push(`keys: not readable now (${(err as Error).message})`);
-  }
-  return lines;
 }

@@ -3,7 +3,7 @@
 import { readFileSync } from 'node:fs';
 import { isAbsolute, resolve } from 'node:path';
 import type { ConfigProblem } from './errors.ts';
-import type { SecretValue } from './config.ts';
+import type { SecretValue } from './config-types.ts';
 
 // RFC 7230 token characters: what Envoy accepts as a header name.
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9a-z]+$/;

@@ -3,7 +3,8 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { describeConfig, loadConfig, parseConfig } from '../src/config.ts';
+import { loadConfig, parseConfig } from '../src/config.ts';
+import { describeConfig } from '../src/config-summary.ts';
 import { ConfigError } from '../src/errors.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'oauth2-extproc-config-'));

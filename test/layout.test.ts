@@ -28,3 +28,26 @@ test('a JWT is decoded in one place, and a value form-encoded in one place', () 
   assert.deepEqual(holding(/Buffer\.from\(parts\[0\]!?, 'base64url'\)/), ['jwt-parts.ts']);
   assert.deepEqual(holding(/new URLSearchParams\(\[\[''/), ['form-encoding.ts']);
 });
+
+test('no import cycle in src/, type-only imports included', () => {
+  const graph = new Map<string, string[]>();
+  for (const [file, text] of files) {
+    const deps = [...text.matchAll(/^(?:import|export)\b[^;]*?\bfrom '(\.{1,2}\/[^']+)'/gms)]
+      .map((m) => relative(SRC, join(SRC, file, '..', m[1]!)));
+    graph.set(file, deps);
+  }
+  const cycles: string[] = [];
+  const state = new Map<string, 'open' | 'done'>();
+  const visit = (file: string, path: string[]): void => {
+    if (state.get(file) === 'done') return;
+    if (state.get(file) === 'open') {
+      cycles.push([...path.slice(path.indexOf(file)), file].join(' -> '));
+      return;
+    }
+    state.set(file, 'open');
+    for (const dep of graph.get(file) ?? []) visit(dep, [...path, file]);
+    state.set(file, 'done');
+  };
+  for (const file of [...graph.keys()].sort()) visit(file, []);
+  assert.deepEqual(cycles, []);
+});

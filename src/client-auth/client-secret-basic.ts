@@ -1,6 +1,6 @@
 // client_secret_basic (RFC 6749 §2.3.1): HTTP Basic with id and secret form-encoded first.
 import { formEncode } from '../form-encoding.ts';
-import type { ClientAuthMethod } from './index.ts';
+import type { ClientAuthMethod } from './types.ts';
 import { readSecret } from './read.ts';
 
 export const clientSecretBasic: ClientAuthMethod = {

@@ -1,5 +1,5 @@
 // client_secret_post (RFC 6749 §2.3.1): id and secret in the form body.
-import type { ClientAuthMethod } from './index.ts';
+import type { ClientAuthMethod } from './types.ts';
 import { readSecret } from './read.ts';
 
 export const clientSecretPost: ClientAuthMethod = {

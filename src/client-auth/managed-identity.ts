@@ -14,9 +14,9 @@
 // hosts, a date; both are host-local, so never through a proxy.
 import { readFileSync, realpathSync, statSync } from 'node:fs';
 import { extname, isAbsolute, relative, resolve } from 'node:path';
-import type { ProfileConfig } from '../config.ts';
+import type { ProfileConfig } from '../config-types.ts';
 import { ClientAuthError, SecretReadError } from '../errors.ts';
-import type { ClientAuthMethod, Exchange } from './index.ts';
+import type { ClientAuthMethod, Exchange } from './types.ts';
 import { readSecret } from './read.ts';
 
 export const IMDS_TOKEN_URL = 'http://169.254.169.254/metadata/identity/oauth2/token';

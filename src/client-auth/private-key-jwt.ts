@@ -4,7 +4,7 @@
 import { randomUUID } from 'node:crypto';
 import { SignJWT, type JWTHeaderParameters } from 'jose';
 import { ClientAuthError } from '../errors.ts';
-import type { ClientAuthMethod } from './index.ts';
+import type { ClientAuthMethod } from './types.ts';
 import { JWT_BEARER_ASSERTION } from './jwt-bearer.ts';
 import { algorithmMismatch, certificateFacts, defaultAlgorithm, keyMatchesCertificate, loadCertificate, loadPrivateKey } from './keys.ts';
 import { named, readSecret } from './read.ts';

@@ -2,7 +2,7 @@
 // running pod, so nothing here is cached. A failure is a coded SecretReadError naming what and
 // where, never the value.
 import { readFileSync } from 'node:fs';
-import type { ProfileConfig, SecretValue } from '../config.ts';
+import type { ProfileConfig, SecretValue } from '../config-types.ts';
 import { SecretReadError } from '../errors.ts';
 
 export function readSecret(profile: ProfileConfig, value: SecretValue | undefined, what: string): string {

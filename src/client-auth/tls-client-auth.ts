@@ -2,7 +2,7 @@
 // connection to the token endpoint; the form carries only client_id (§2.1). Both files are read
 // at every fetch; token-connection.ts opens new connections when they change.
 import { ClientAuthError } from '../errors.ts';
-import type { ClientAuthMethod } from './index.ts';
+import type { ClientAuthMethod } from './types.ts';
 import { certificateFacts, keyMatchesCertificate, loadCertificate, loadPrivateKey } from './keys.ts';
 import { named, readSecret } from './read.ts';
 

@@ -1,7 +1,7 @@
 // workload_identity: a token the platform issues to this workload (a Kubernetes projected
 // service-account token, as AKS Workload Identity mounts it) is the client assertion of a
 // federated credential (RFC 7523 §2.2). The kubelet rotates the file: read it at every fetch.
-import type { ClientAuthMethod } from './index.ts';
+import type { ClientAuthMethod } from './types.ts';
 import { decodeJwtParts } from '../jwt-parts.ts';
 import { JWT_BEARER_ASSERTION } from './jwt-bearer.ts';
 import { readSecret, readTokenFile } from './read.ts';
