@@ -43,7 +43,9 @@ interface Outcome {
 
 function runLane(lane: Lane): Promise<Outcome> {
   const started = Date.now();
-  const args = ['--test', `--test-concurrency=${lane.concurrency}`, `--test-timeout=${TIMEOUT_MS}`, ...lane.files];
+  // --test-force-exit: a file whose test failed before closing its servers (a before() that threw,
+  // a timed-out await) still ends once its tests have, instead of holding the whole run forever.
+  const args = ['--test', '--test-force-exit', `--test-concurrency=${lane.concurrency}`, `--test-timeout=${TIMEOUT_MS}`, ...lane.files];
   const child = spawn(process.execPath, args, { cwd: REPO, stdio: lane.prefix === undefined ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
   children.add(child);
   if (lane.prefix !== undefined) {
