@@ -85,6 +85,8 @@ for (const workers of [1, 2]) {
       const exitCode = sidecar.exited;
       load.phase.now = 'draining';
       sidecar.child.kill('SIGTERM');
+      // As soon as the process has taken the signal (its first line about it), not before.
+      await sidecar.waitForLog((l) => l.msg === 'shutting down');
       const readyz = await fetch(`${sidecar.adminUrl}/readyz`);
       assert.equal(readyz.status, 503, 'not ready as soon as the drain starts');
       await new Promise((resolve) => setTimeout(resolve, LOAD_AFTER_SIGTERM_MS));
