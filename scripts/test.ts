@@ -15,7 +15,9 @@
 // `npm test -- FILE...` runs just those files, one at a time. TEST_CONCURRENCY=1 runs group 1's
 // unit and end-to-end files one at a time as well.
 import { spawn } from 'node:child_process';
-import { globSync } from 'node:fs';
+import { globSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { dockerMissing } from '../test/containers/docker.ts';
 
@@ -39,13 +41,21 @@ interface Outcome {
   files: number;
   code: number;
   seconds: number;
+  /** Test counts from the lane's TAP summary (`# pass N`, …). */
+  counts: Record<'pass' | 'fail' | 'cancelled' | 'skipped' | 'todo', number>;
 }
 
 function runLane(lane: Lane): Promise<Outcome> {
   const started = Date.now();
   // --test-force-exit: a file whose test failed before closing its servers (a before() that threw,
   // a timed-out await) still ends once its tests have, instead of holding the whole run forever.
-  const args = ['--test', '--test-force-exit', `--test-concurrency=${lane.concurrency}`, `--test-timeout=${TIMEOUT_MS}`, ...lane.files];
+  // The usual report on the terminal, and a TAP copy whose closing counts the summary adds up.
+  const tap = join(mkdtempSync(join(tmpdir(), 'oauth2-extproc-test-')), 'lane.tap');
+  const args = [
+    '--test', '--test-force-exit', `--test-concurrency=${lane.concurrency}`, `--test-timeout=${TIMEOUT_MS}`,
+    '--test-reporter=spec', '--test-reporter-destination=stdout', '--test-reporter=tap', `--test-reporter-destination=${tap}`,
+    ...lane.files,
+  ];
   const child = spawn(process.execPath, args, { cwd: REPO, stdio: lane.prefix === undefined ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
   children.add(child);
   if (lane.prefix !== undefined) {
@@ -63,7 +73,8 @@ function runLane(lane: Lane): Promise<Outcome> {
   return new Promise((resolve) => {
     child.on('close', (code, signal) => {
       children.delete(child);
-      resolve({ name: lane.name, files: lane.files.length, code: code ?? (signal ? 1 : 0), seconds: Math.round((Date.now() - started) / 1000) });
+      resolve({ name: lane.name, files: lane.files.length, code: code ?? (signal ? 1 : 0), seconds: Math.round((Date.now() - started) / 1000), counts: tapCounts(tap) });
+      rmSync(dirname(tap), { recursive: true, force: true });
     });
   });
 }
@@ -76,9 +87,25 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
   });
 }
 
+/** The closing counts of a TAP report (`# pass 12`); zeros when it has none (a lane that died). */
+function tapCounts(file: string): Outcome['counts'] {
+  const counts = { pass: 0, fail: 0, cancelled: 0, skipped: 0, todo: 0 };
+  let text = '';
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch {
+    return counts;
+  }
+  for (const m of text.matchAll(/^# (pass|fail|cancelled|skipped|todo) (\d+)$/gm)) counts[m[1] as keyof typeof counts] = Number(m[2]);
+  return counts;
+}
+
 function summary(outcomes: Outcome[]): number {
   const failed = outcomes.filter((o) => o.code !== 0);
   console.log(`\nnpm test: ${outcomes.map((o) => `${o.name} (${o.files} files) ${o.seconds} s${o.code === 0 ? '' : ` FAILED (exit ${o.code})`}`).join('; ')}`);
+  const total = (key: keyof Outcome['counts']): number => outcomes.reduce((sum, o) => sum + o.counts[key], 0);
+  // One closing line over every lane (each lane's own report closes with its counts only).
+  console.log(`tests: ${total('pass')} passed, ${total('fail') + total('cancelled')} failed, ${total('skipped') + total('todo')} skipped`);
   return failed.length === 0 ? 0 : 1;
 }
 
