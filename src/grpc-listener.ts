@@ -74,7 +74,12 @@ export const DRAIN_QUIET_MS = 2000;
 
 type Call = ServerDuplexStream<unknown, unknown>;
 
+/** Where a stream's state sits on the emitter whose 'close' ends it. */
+const STATE = Symbol('oauth2-extproc stream state');
+type Tracked<T> = T & { [STATE]?: StreamState };
+
 interface StreamState {
+  readonly call: Call;
   /** The HTTP/2 stream under the call (undefined if grpc-js no longer keeps it where we look). */
   stream: ServerHttp2Stream | undefined;
   /** SWEEP ticks, not milliseconds: the coarse clock costs nothing per message. */
@@ -103,7 +108,7 @@ export class GrpcListener {
   private netServer: NetServer | undefined;
   private socketPath: string | undefined;
   private readonly sockets = new Set<Socket>();
-  private readonly streams = new Map<Call, StreamState>();
+  private readonly streams = new Set<StreamState>();
   private now = Date.now();
   private lastStreamAt = 0;
   private readonly sweeper: NodeJS.Timeout;
@@ -205,7 +210,7 @@ export class GrpcListener {
   /** Stops listening and ends every open stream with UNAVAILABLE, then every connection. */
   private async close(): Promise<void> {
     this.netServer?.close();
-    for (const call of this.streams.keys()) failCall(call, grpcStatus.UNAVAILABLE, 'the sidecar is shutting down');
+    for (const { call } of this.streams) failCall(call, grpcStatus.UNAVAILABLE, 'the sidecar is shutting down');
     // GOAWAY on every connection; those that have not closed shortly after are cut.
     this.injector.destroy();
     const closed = [...this.sockets].map((socket) => new Promise<void>((resolve) => {
@@ -253,35 +258,44 @@ export class GrpcListener {
       return;
     }
     const tick = this.now;
-    this.streams.set(call, { stream, openedAt: tick, lastActive: tick, messages: 0, failedAt: 0 });
+    const state: StreamState = { call, stream, openedAt: tick, lastActive: tick, messages: 0, failedAt: 0 };
+    this.streams.add(state);
     // Counted until the HTTP/2 stream is gone: grpc-js's call 'close' comes as soon as the status
-    // is queued, while a client that does not read still holds the stream and its replies.
-    (stream ?? call).once('close', () => this.streams.delete(call));
-    // Before the service's own listener: a reply still unsent from earlier messages is seen
-    // here, as the next message comes in.
-    call.on('data', this.onData);
-    this.service.process(call);
+    // is queued, while a client that does not read still holds the stream and its replies. The
+    // state rides on the emitter, so one shared listener serves every stream (no closure each).
+    (call as Tracked<Call>)[STATE] = state;
+    if (stream !== undefined) (stream as Tracked<ServerHttp2Stream>)[STATE] = state;
+    (stream ?? call).once('close', this.untrack);
+    // Run by the service's own 'data' listener before it answers: a reply still unsent from
+    // earlier messages is seen here, as the next message comes in (one listener, not two).
+    this.service.process(call, this.onMessage);
   }
 
-  private readonly onData = ((listener: GrpcListener) => function (this: Call): void {
-    const state = listener.streams.get(this);
-    if (state === undefined) return;
-    state.lastActive = listener.now;
-    state.messages++;
-    if (this.writableLength >= LIMITS.maxUnsentReplies && state.failedAt === 0) {
-      // The client sends but does not read: its replies would pile up in memory.
-      state.failedAt = listener.now;
-      listener.refusals.unread++;
-      listener.logRefusals();
-      resetCall(this, state.stream);
-    }
+  private readonly untrack = ((listener: GrpcListener) => function (this: Tracked<ServerHttp2Stream | Call>): void {
+    const state = this[STATE];
+    if (state !== undefined) listener.streams.delete(state);
   })(this);
+
+  private readonly onMessage = (call: Call): void => {
+    const state = (call as Tracked<Call>)[STATE];
+    if (state === undefined) return;
+    state.lastActive = this.now;
+    state.messages++;
+    if (call.writableLength >= LIMITS.maxUnsentReplies && state.failedAt === 0) {
+      // The client sends but does not read: its replies would pile up in memory.
+      state.failedAt = this.now;
+      this.refusals.unread++;
+      this.logRefusals();
+      resetCall(call, state.stream);
+    }
+  };
 
   /** Once a second: close streams that never asked anything, or that sit with nothing to do. */
   private sweep(): void {
     const now = Date.now();
     this.now = now;
-    for (const [call, state] of this.streams) {
+    for (const state of this.streams) {
+      const call = state.call;
       if (state.failedAt !== 0) {
         // Told to go, still open: its client does not read, so the status cannot reach it.
         if (now - state.failedAt >= CLOSE_GRACE_MS) resetCall(call, state.stream);

@@ -160,8 +160,11 @@ export class ExtProcService {
     return this.openStreams;
   }
 
-  /** The grpc-js handler for ExternalProcessor/Process. */
-  readonly process = (call: Call): void => {
+  /**
+   * The grpc-js handler for ExternalProcessor/Process. `beforeMessage` (the listener's stream
+   * bounds) runs on each message before it is answered, from this same 'data' listener.
+   */
+  readonly process = (call: Call, beforeMessage?: (call: Call) => void): void => {
     this.openStreams++;
     // Listeners shared by every stream: only 'data' needs a closure of its own. A server call
     // emits 'close' once, whether it ended cleanly or was cancelled or reset.
@@ -174,6 +177,7 @@ export class ExtProcService {
     if (answer === undefined) this.warnUnknownProfile(profileName);
 
     call.on('data', (request: PeekedRequest) => {
+      beforeMessage?.(call);
       try {
         this.onMessage(call, request, profileName, answer);
       } catch (err) {
