@@ -6,7 +6,7 @@ import { describeConfig } from './config-summary.ts';
 import { closest } from './config-validator.ts';
 import { ConfigError, describeError, TokenEndpointError, TokenFetchError } from './errors.ts';
 import { decodeJwtParts } from './jwt-parts.ts';
-import { createLogger } from './logger.ts';
+import { createLogger, type Logger } from './logger.ts';
 import { Sidecar } from './server.ts';
 import { TokenSource } from './token-source.ts';
 import { isWorker, runWorker } from './workers.ts';
@@ -120,7 +120,7 @@ async function run(config: Config, io: Io): Promise<void> {
   });
   process.on('uncaughtException', (err) => {
     logger.fatal({ error: describeError(err) }, 'uncaught exception; exiting');
-    logger.flush(() => process.exit(1));
+    exitAfterOutput(logger, 1);
   });
 
   if (isWorker()) {
@@ -140,17 +140,17 @@ async function run(config: Config, io: Io): Promise<void> {
       // whole foreground process group) and from npm, which forwards it. One keypress.
       if (Date.now() - stoppingSince < 1000) return;
       logger.warn({ signal }, 'second signal: exiting now');
-      logger.flush(() => process.exit(1));
+      exitAfterOutput(logger, 1);
       return;
     }
     stoppingSince = Date.now();
     logger.info({ signal }, 'shutting down');
     // A start that failed exits below, with its own message.
     starting.then(() => sidecar.shutdown(), () => new Promise<never>(() => {})).then(
-      () => logger.flush(() => process.exit(0)),
+      () => exitAfterOutput(logger, 0),
       (err: unknown) => {
         logger.error({ error: describeError(err) }, 'shutdown failed');
-        logger.flush(() => process.exit(1));
+        exitAfterOutput(logger, 1);
       },
     );
   };
@@ -160,8 +160,16 @@ async function run(config: Config, io: Io): Promise<void> {
     await starting;
   } catch (err) {
     io.err(`oauth2-extproc: cannot listen (server.grpc ${config.server.grpc}, server.admin ${config.server.admin}): ${describeError(err).message}`);
-    logger.flush(() => process.exit(1));
+    exitAfterOutput(logger, 1);
   }
+}
+
+/**
+ * Exits once what was written has left: the log, and stdout and stderr, which are asynchronous
+ * when they are pipes. Exiting at once lost the one-line "cannot listen" message under load.
+ */
+function exitAfterOutput(logger: Logger, code: number): void {
+  logger.flush(() => process.stdout.write('', () => process.stderr.write('', () => process.exit(code))));
 }
 
 async function fetchOneToken(config: Config, profileName: string, io: Io): Promise<number> {

@@ -130,10 +130,11 @@ test('a busy gRPC port is one clear message on stderr, exit 1, with workers too'
     for (const workers of [1, 2]) {
       const file = writeConfig({ server: { grpc: `127.0.0.1:${port}`, workers }, profiles: { default: profileFor(idp) } });
       const { code, stdout, stderr } = await runCli(['--config', file]);
-      assert.equal(code, 1);
+      const seen = `workers ${workers}; stderr:\n${stderr}\nstdout:\n${stdout}`;
+      assert.equal(code, 1, seen);
       // One line, ours: no grpc-js log line before it, no worker complaining after it.
-      assert.match(stderr, new RegExp(`^oauth2-extproc: cannot listen \\(server\\.grpc 127\\.0\\.0\\.1:${port}, server\\.admin 127\\.0\\.0\\.1:0\\): [^\\n]*EADDRINUSE[^\\n]*\\n$`));
-      assert.doesNotMatch(stdout, /"level":"(error|fatal)"/);
+      assert.match(stderr, new RegExp(`^oauth2-extproc: cannot listen \\(server\\.grpc 127\\.0\\.0\\.1:${port}, server\\.admin 127\\.0\\.0\\.1:0\\): [^\\n]*EADDRINUSE[^\\n]*\\n$`), seen);
+      assert.doesNotMatch(stdout, /"level":"(error|fatal)"/, seen);
     }
   } finally {
     busy.close();
