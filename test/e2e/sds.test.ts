@@ -56,6 +56,18 @@ async function sidecarOn(idp: OAuthServer, ports: { grpc: number; admin: number 
   });
 }
 
+/** Requests until the backend has seen three different tokens (each refresh pushed over SDS), all valid. */
+async function threeTokensReachTheBackend(envoy: EnvoyProcess, backend: EchoBackend, idp: OAuthServer): Promise<void> {
+  const tokens = new Set<string>();
+  await eventually('three tokens at the backend', async () => {
+    const r = await send(`${envoy.url}/orders/1`);
+    assert.equal(r.status, 200, r.body);
+    tokens.add(bearer(backend.requests.at(-1)!));
+    return tokens.size >= 3 ? true : undefined;
+  }, 15_000);
+  for (const token of tokens) await idp.verify(token);
+}
+
 function envoyFor(ports: { grpc: number; admin: number }, backend: EchoBackend, variant?: (config: any) => void): Promise<EnvoyProcess> {
   return startEnvoy({
     config: 'envoy-sds.yaml',
@@ -319,14 +331,7 @@ describe('with server.workers: 2, the worker holding Envoy\'s SDS stream pushes 
   });
 
   test('a token refreshed by the primary reaches the backend', async () => {
-    const tokens = new Set<string>();
-    await eventually('three tokens at the backend', async () => {
-      const r = await send(`${envoy.url}/orders/1`);
-      assert.equal(r.status, 200, r.body);
-      tokens.add(bearer(backend.requests.at(-1)!));
-      return tokens.size >= 3 ? true : undefined;
-    }, 15_000);
-    for (const token of tokens) await idp.verify(token);
+    await threeTokensReachTheBackend(envoy, backend, idp);
   });
 });
 
@@ -363,14 +368,7 @@ describe('with api_type DELTA_GRPC (docs/modes.md), tokens and refreshes arrive 
   });
 
   test('three successive tokens reach the backend, each profile on its route', async () => {
-    const tokens = new Set<string>();
-    await eventually('three tokens at the backend', async () => {
-      const r = await send(`${envoy.url}/orders/1`);
-      assert.equal(r.status, 200, r.body);
-      tokens.add(bearer(backend.requests.at(-1)!));
-      return tokens.size >= 3 ? true : undefined;
-    }, 15_000);
-    for (const token of tokens) await idp.verify(token);
+    await threeTokensReachTheBackend(envoy, backend, idp);
     assert.equal((await send(`${envoy.url}/reports/1`)).status, 200);
     await idp.verify(bearer(backend.requests.at(-1)!), 'https://reports.test');
     const stats = await envoy.stats('^sds\\.');
