@@ -1,20 +1,23 @@
-// The gRPC server that Envoy talks to: the ext_proc service and gRPC health on one port. Used
-// by the single-process sidecar and by each worker process.
+// The gRPC server that Envoy talks to: the ext_proc service, SDS, ext_authz and gRPC health on
+// one port. Used by the single-process sidecar and by each worker process.
 //
 // The listening socket is ours (node:net), and grpc-js serves the connections we hand it
 // (Server.createConnectionInjector). So we count and close connections ourselves: grpc-js's own
 // forceShutdown() finds no session to destroy when channelz is off (it only tracks sessions in
-// its channelz handler), and its failed bind logs a line of its own before ours.
+// its channelz handler), and its failed bind logs a line of its own before ours. The ext_proc
+// Process streams are taken off grpc-js's HTTP/2 server before it sees them and spoken by hand
+// (protocols/grpc-stream.ts): one stream per HTTP request, the hot path.
 import { chmodSync, rmSync, statSync } from 'node:fs';
-import type { ServerHttp2Stream, ServerOptions as Http2ServerOptions } from 'node:http2';
+import type { Http2Server, IncomingHttpHeaders, ServerHttp2Stream, ServerOptions as Http2ServerOptions } from 'node:http2';
 import { constants as http2Constants } from 'node:http2';
 import { createServer, type Server as NetServer, type Socket } from 'node:net';
-import { Metadata, Server, ServerCredentials, status as grpcStatus, type ConnectionInjector, type ServerDuplexStream } from '@grpc/grpc-js';
+import { Server, ServerCredentials, status as grpcStatus, type ConnectionInjector } from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import { ExtProcService, type ProfileBinding } from './protocols/ext-proc.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics } from './metrics.ts';
-import { extProcService, SERVICE_NAME } from './protocols/ext-proc-wire.ts';
+import { PROCESS_PATH, SERVICE_NAME } from './protocols/ext-proc-wire.ts';
+import { GrpcCall, ignore, MessageBudget, refuseNotGrpc, type CallHandler } from './protocols/grpc-stream.ts';
 import { authzService, ExtAuthzService } from './protocols/ext-authz.ts';
 import { SdsService, sdsService } from './protocols/sds.ts';
 
@@ -40,11 +43,18 @@ export const LIMITS = {
   /** A request_headers message carries at most Envoy's header limit (max_request_headers_kb, 60 KiB by default). */
   maxMessageBytes: 256 * 1024,
   /**
-   * Replies written but not yet taken by the client, per stream: the high-water mark of
-   * grpc-js's reply buffer (an object-mode stream: 16), where write() starts to return false.
-   * Envoy takes every reply at once; even body chunks decoded from one read stay below it.
+   * Bytes of messages received in part, all streams together: a client that starts many large
+   * messages and never finishes them would otherwise hold maxMessageBytes per open stream. Past
+   * it, the stream whose message does not fit gets RESOURCE_EXHAUSTED. Envoy sends each message
+   * whole, and at once.
    */
-  maxUnsentReplies: 16,
+  maxPartialBytes: 32 * 1024 * 1024,
+  /**
+   * Reply bytes written but not yet taken by the client, per stream, checked as each message
+   * comes in: past it, the stream is reset. Two replies with a token of maxTokenBytes (16 KiB by
+   * default), some forty with a typical one. Envoy takes every reply at once.
+   */
+  maxUnsentBytes: 32 * 1024,
   /** Envoy sends request_headers as it opens the stream: a stream without a first message by then is closed. */
   firstMessageMs: 10_000,
   /**
@@ -72,23 +82,7 @@ const CLOSE_GRACE_MS = 2000;
  */
 export const DRAIN_QUIET_MS = 2000;
 
-type Call = ServerDuplexStream<unknown, unknown>;
-
-/** Where a stream's state sits on the emitter whose 'close' ends it. */
-const STATE = Symbol('oauth2-extproc stream state');
-type Tracked<T> = T & { [STATE]?: StreamState };
-
-interface StreamState {
-  readonly call: Call;
-  /** The HTTP/2 stream under the call (undefined if grpc-js no longer keeps it where we look). */
-  stream: ServerHttp2Stream | undefined;
-  /** SWEEP ticks, not milliseconds: the coarse clock costs nothing per message. */
-  openedAt: number;
-  lastActive: number;
-  messages: number;
-  /** When we sent this stream its error status, or 0. */
-  failedAt: number;
-}
+type StreamListener = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, flags: number, rawHeaders: string[]) => void;
 
 export interface ListenerOptions {
   profiles: readonly ProfileBinding[];
@@ -98,7 +92,7 @@ export interface ListenerOptions {
   streamIdleMs?: number;
 }
 
-export class GrpcListener {
+export class GrpcListener implements CallHandler {
   readonly service: ExtProcService;
   private readonly server: Server;
   private readonly health = new HealthImplementation({ '': 'NOT_SERVING', [SERVICE_NAME]: 'NOT_SERVING' });
@@ -108,7 +102,9 @@ export class GrpcListener {
   private netServer: NetServer | undefined;
   private socketPath: string | undefined;
   private readonly sockets = new Set<Socket>();
-  private readonly streams = new Set<StreamState>();
+  /** Open ext_proc streams; on each, openedAt/lastActive/failedAt are SWEEP ticks (the coarse clock costs nothing per message), failedAt 0 until we sent it an error status. */
+  private readonly streams = new Set<GrpcCall>();
+  private readonly messageLimits = new MessageBudget(LIMITS.maxMessageBytes, LIMITS.maxPartialBytes);
   private now = Date.now();
   private lastStreamAt = 0;
   private readonly sweeper: NodeJS.Timeout;
@@ -128,11 +124,11 @@ export class GrpcListener {
       'grpc.max_receive_message_length': LIMITS.maxMessageBytes,
     });
     setHttp2Options(this.server, { streamResetBurst: LIMITS.resetBurst, streamResetRate: LIMITS.resetRate });
-    this.server.addService(extProcService, { Process: (call: Call) => this.admit(call) });
     this.server.addService(sdsService, new SdsService(options).handlers);
     this.server.addService(authzService, new ExtAuthzService(options).handlers);
     this.health.addToServer(this.server);
     this.injector = this.server.createConnectionInjector(ServerCredentials.createInsecure());
+    takeProcessStreams(this.server, (stream, headers) => this.admit(stream, headers));
     this.sweeper = setInterval(() => this.sweep(), SWEEP_MS).unref();
   }
 
@@ -210,7 +206,7 @@ export class GrpcListener {
   /** Stops listening and ends every open stream with UNAVAILABLE, then every connection. */
   private async close(): Promise<void> {
     this.netServer?.close();
-    for (const { call } of this.streams) failCall(call, grpcStatus.UNAVAILABLE, 'the sidecar is shutting down');
+    for (const call of this.streams) call.fail(grpcStatus.UNAVAILABLE, 'the sidecar is shutting down');
     // GOAWAY on every connection; those that have not closed shortly after are cut.
     this.injector.destroy();
     const closed = [...this.sockets].map((socket) => new Promise<void>((resolve) => {
@@ -246,67 +242,69 @@ export class GrpcListener {
     this.injector.injectConnection(socket);
   }
 
-  private admit(call: Call): void {
+  private admit(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
     this.lastStreamAt = Date.now();
-    const stream = http2StreamOf(call);
     if (this.streams.size >= LIMITS.maxOpenStreams) {
       this.refusals.streams++;
       this.logRefusals();
       // REFUSED_STREAM: nothing was processed; and unlike a status, a reset needs no reading client.
-      if (stream !== undefined) stream.close(http2Constants.NGHTTP2_REFUSED_STREAM);
-      else failCall(call, grpcStatus.RESOURCE_EXHAUSTED, `more than ${LIMITS.maxOpenStreams} open ext_proc streams`);
+      stream.on('error', ignore); // our own reset, reported back
+      stream.close(http2Constants.NGHTTP2_REFUSED_STREAM);
       return;
     }
-    const tick = this.now;
-    const state: StreamState = { call, stream, openedAt: tick, lastActive: tick, messages: 0, failedAt: 0 };
-    this.streams.add(state);
-    // Counted until the HTTP/2 stream is gone: grpc-js's call 'close' comes as soon as the status
-    // is queued, while a client that does not read still holds the stream and its replies. The
-    // state rides on the emitter, so one shared listener serves every stream (no closure each).
-    (call as Tracked<Call>)[STATE] = state;
-    if (stream !== undefined) (stream as Tracked<ServerHttp2Stream>)[STATE] = state;
-    (stream ?? call).once('close', this.untrack);
-    // Run by the service's own 'data' listener before it answers: a reply still unsent from
-    // earlier messages is seen here, as the next message comes in (one listener, not two).
-    this.service.process(call, this.onMessage);
+    const contentType = headers['content-type'];
+    if (typeof contentType !== 'string' || !contentType.startsWith('application/grpc')) {
+      stream.on('error', ignore);
+      refuseNotGrpc(stream);
+      return;
+    }
+    const call = new GrpcCall(stream, headers, this, this.messageLimits);
+    call.openedAt = call.lastActive = this.now;
+    // Counted until the HTTP/2 stream is gone: a client that does not read still holds the
+    // stream and its replies after its status is queued.
+    this.streams.add(call);
+    this.service.open(call);
   }
 
-  private readonly untrack = ((listener: GrpcListener) => function (this: Tracked<ServerHttp2Stream | Call>): void {
-    const state = this[STATE];
-    if (state !== undefined) listener.streams.delete(state);
-  })(this);
-
-  private readonly onMessage = (call: Call): void => {
-    const state = (call as Tracked<Call>)[STATE];
-    if (state === undefined) return;
-    state.lastActive = this.now;
-    state.messages++;
-    if (call.writableLength >= LIMITS.maxUnsentReplies && state.failedAt === 0) {
+  /** CallHandler: each message passes the stream bounds before the service answers it. */
+  message(call: GrpcCall, bytes: Buffer): void {
+    call.lastActive = this.now;
+    call.messages++;
+    if (call.unsentBytes >= LIMITS.maxUnsentBytes && call.failedAt === 0) {
       // The client sends but does not read: its replies would pile up in memory.
-      state.failedAt = this.now;
+      call.failedAt = this.now;
       this.refusals.unread++;
       this.logRefusals();
-      resetCall(call, state.stream);
+      call.reset();
+      return;
     }
-  };
+    this.service.message(call, bytes);
+  }
+
+  end(call: GrpcCall): void {
+    this.service.end(call);
+  }
+
+  closed(call: GrpcCall): void {
+    if (this.streams.delete(call)) this.service.closed(call);
+  }
 
   /** Once a second: close streams that never asked anything, or that sit with nothing to do. */
   private sweep(): void {
     const now = Date.now();
     this.now = now;
-    for (const state of this.streams) {
-      const call = state.call;
-      if (state.failedAt !== 0) {
+    for (const call of this.streams) {
+      if (call.failedAt !== 0) {
         // Told to go, still open: its client does not read, so the status cannot reach it.
-        if (now - state.failedAt >= CLOSE_GRACE_MS) resetCall(call, state.stream);
-      } else if (state.messages === 0 && now - state.openedAt >= LIMITS.firstMessageMs) {
-        state.failedAt = now;
+        if (now - call.failedAt >= CLOSE_GRACE_MS) call.reset();
+      } else if (call.messages === 0 && now - call.openedAt >= LIMITS.firstMessageMs) {
+        call.failedAt = now;
         this.refusals.idle++;
-        failCall(call, grpcStatus.DEADLINE_EXCEEDED, `no request_headers within ${LIMITS.firstMessageMs / 1000} s`);
-      } else if (now - state.lastActive >= this.idleMs) {
-        state.failedAt = now;
+        call.fail(grpcStatus.DEADLINE_EXCEEDED, `no request_headers within ${LIMITS.firstMessageMs / 1000} s`);
+      } else if (now - call.lastActive >= this.idleMs) {
+        call.failedAt = now;
         this.refusals.idle++;
-        failCall(call, grpcStatus.DEADLINE_EXCEEDED, `ext_proc stream idle for ${this.idleMs / 1000} s`);
+        call.fail(grpcStatus.DEADLINE_EXCEEDED, `ext_proc stream idle for ${this.idleMs / 1000} s`);
       }
     }
     if (this.refusals.idle > 0) this.logRefusals();
@@ -323,25 +321,24 @@ export class GrpcListener {
   }
 }
 
-/** Ends a stream with an error status: never a clean OK, which tells Envoy to go on unchanged. */
-function failCall(call: Call, code: grpcStatus, details: string): void {
-  call.emit('error', { code, details, metadata: new Metadata() });
-}
-
 /**
- * The HTTP/2 stream under a call. grpc-js keeps it private (ServerDuplexStreamImpl.call →
- * BaseServerInterceptingCall.stream in @grpc/grpc-js 1.14, with no interceptors); we need it to
- * count streams until they are really gone and to reset those whose client does not read.
+ * Puts `admit` before grpc-js for the Process method: on the HTTP/2 server grpc-js made for the
+ * injector (its private http2Servers, @grpc/grpc-js 1.14), grpc-js's own 'stream' listener is
+ * replaced by one that hands it every other stream. Fails loudly if a grpc-js update moves them.
  */
-function http2StreamOf(call: Call): ServerHttp2Stream | undefined {
-  const stream = (call as unknown as { call?: { stream?: ServerHttp2Stream } }).call?.stream;
-  return stream !== undefined && typeof stream.close === 'function' && typeof stream.once === 'function' ? stream : undefined;
-}
-
-/** RST_STREAM: an error status would only queue behind the replies the client never takes. */
-function resetCall(call: Call, stream: ServerHttp2Stream | undefined): void {
-  if (stream === undefined) failCall(call, grpcStatus.RESOURCE_EXHAUSTED, 'the client does not read its replies');
-  else if (!stream.destroyed) stream.close(http2Constants.NGHTTP2_CANCEL);
+function takeProcessStreams(server: Server, admit: (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => void): void {
+  const servers = (server as unknown as { http2Servers?: Map<Http2Server, unknown> }).http2Servers;
+  const http2Server = servers instanceof Map && servers.size === 1 ? [...servers.keys()][0] : undefined;
+  const grpcListeners = http2Server?.listeners('stream') as StreamListener[] | undefined;
+  if (http2Server === undefined || grpcListeners?.length !== 1) {
+    throw new Error('@grpc/grpc-js no longer keeps its HTTP/2 server where expected: the ext_proc streams cannot be served (pin @grpc/grpc-js ~1.14)');
+  }
+  const grpcListener = grpcListeners[0]!;
+  http2Server.removeAllListeners('stream');
+  http2Server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, flags: number, rawHeaders: string[]) => {
+    if (headers[':path'] === PROCESS_PATH) admit(stream, headers);
+    else grpcListener.call(http2Server, stream, headers, flags, rawHeaders);
+  });
 }
 
 /**

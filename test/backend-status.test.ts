@@ -4,20 +4,18 @@
 // real oidc-provider. Only time is fake (the rate limit), so no test waits for a real second.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import * as grpc from '@grpc/grpc-js';
 import { parseConfig, type ProfileConfig } from '../src/config.ts';
-import { ExtProcService } from '../src/protocols/ext-proc.ts';
 import { createLogger } from '../src/logger.ts';
 import { Metrics } from '../src/metrics.ts';
-import { extProcService } from '../src/protocols/ext-proc-wire.ts';
 import { TokenCache } from '../src/token-cache.ts';
 import { TokenSource } from '../src/token-source.ts';
 import { ExtProcClient, requestHeaders, setHeaders, TYPICAL_HEADERS } from './helpers/extproc-client.ts';
+import { serveExtProc, type ExtProcServer } from './helpers/ext-proc-server.ts';
 import { FakeClock } from './helpers/fake-clock.ts';
 import { startOAuthServer, type OAuthServer } from './helpers/oauth-server.ts';
 
 let idp: OAuthServer;
-let server: grpc.Server;
+let server: ExtProcServer | undefined;
 let client: ExtProcClient;
 const clock = new FakeClock(Date.now());
 const caches = new Map<string, TokenCache>();
@@ -47,17 +45,13 @@ profiles:
     cache.start();
     await cache.refresh();
   }
-  const service = new ExtProcService({ profiles: profiles.map((p) => ({ config: p, tokens: caches.get(p.name)! })), logger, metrics });
-  server = new grpc.Server();
-  server.addService(extProcService, { Process: service.process });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
-  client = new ExtProcClient(`127.0.0.1:${port}`);
+  server = await serveExtProc({ profiles: profiles.map((p) => ({ config: p, tokens: caches.get(p.name)! })), logger, metrics });
+  client = new ExtProcClient(server.address);
 });
 
 after(async () => {
   client?.close();
-  server?.forceShutdown();
+  server?.close();
   for (const cache of caches.values()) cache.stop();
   await idp?.close();
 });

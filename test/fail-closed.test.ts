@@ -6,12 +6,12 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { parseConfig } from '../src/config.ts';
-import { ExtProcService } from '../src/protocols/ext-proc.ts';
 import { createLogger } from '../src/logger.ts';
 import { Metrics } from '../src/metrics.ts';
-import { extProcService, PROCESS_PATH } from '../src/protocols/ext-proc-wire.ts';
+import { PROCESS_PATH } from '../src/protocols/ext-proc-wire.ts';
 import type { Token } from '../src/token.ts';
 import { requestHeaders, TYPICAL_HEADERS, upstreamMethod } from './helpers/extproc-client.ts';
+import { serveExtProc, type ExtProcServer } from './helpers/ext-proc-server.ts';
 
 const config = parseConfig(`
 profiles:
@@ -33,29 +33,24 @@ const providers: Record<string, { current(): Token | undefined }> = {
 
 const logLines: Array<Record<string, any>> = [];
 const logger = createLogger('info', { write: (line: string) => void logLines.push(JSON.parse(line)) });
-const service = new ExtProcService({
-  profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: { current: () => providers[p.name]!.current() } })),
-  logger,
-  metrics: new Metrics({ defaultMetrics: false }),
-});
-
-let server: grpc.Server;
+let server: ExtProcServer;
 let address: string;
 let client: grpc.Client;
 const upstream = upstreamMethod();
 
 before(async () => {
-  server = new grpc.Server();
-  server.addService(extProcService, { Process: service.process });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
-  address = `127.0.0.1:${port}`;
+  server = await serveExtProc({
+    profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: { current: () => providers[p.name]!.current() } })),
+    logger,
+    metrics: new Metrics({ defaultMetrics: false }),
+  });
+  address = server.address;
   client = new grpc.Client(address, grpc.credentials.createInsecure());
 });
 
 after(() => {
   client.close();
-  server.forceShutdown();
+  server.close();
 });
 
 interface Outcome {
@@ -139,6 +134,19 @@ test('a message that is not a ProcessingRequest fails the stream with an error s
 test('a ProcessingRequest with no request kind this processor knows fails the stream', async () => {
   // Only field 8 (metadata_context, an empty message), no member of the `request` oneof.
   assertStreamFailed(await converse(Buffer.from([0x42, 0x00])));
+});
+
+test('a stream the client ends before sending request_headers ends with an error status, not OK', async () => {
+  // Envoy never does this; whatever reads the stream must still not see "continue unchanged".
+  const call = client.makeBidiStreamRequest(PROCESS_PATH, (b: Buffer) => b, upstream.responseDeserialize, new grpc.Metadata());
+  const replies: unknown[] = [];
+  const code = await new Promise<grpc.status>((resolve) => {
+    call.on('data', (reply: unknown) => replies.push(reply));
+    call.on('error', () => {});
+    call.on('status', (status: grpc.StatusObject) => resolve(status.code));
+    call.end();
+  });
+  assertStreamFailed({ replies: replies as Outcome['replies'], code });
 });
 
 test('the same paths answer normally once the provider has a token (the cases above are not vacuous)', async () => {

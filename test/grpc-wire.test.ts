@@ -174,17 +174,16 @@ test('2. two messages in one DATA frame get two replies, in order', async () => 
   assert.equal(out.grpcStatus, 0);
 });
 
-test('3. a compressed flag with no grpc-encoding negotiated: what grpc-js answers (CURRENT behaviour)', async () => {
-  // Observed on the grpc-js path (HEAD ca5275a): the flag is ignored under identity encoding, the
-  // bytes are read as the message, the reply carries the token and the stream ends with 0. The
-  // wanted answer is a non-zero grpc-status and no token (the hand-written path in progress
-  // answers 12 UNIMPLEMENTED, 'compressed messages are not accepted'): flip these asserts then.
+test('3. a compressed flag with no grpc-encoding negotiated fails the stream: the bytes are not read as a message', async () => {
+  // grpc-js (before the hand-written Process path) ignored the flag under identity encoding, read
+  // the bytes as the message and answered with the token and OK. The gRPC spec makes a compressed
+  // message without an agreed encoding a protocol error.
   const body = upstream.requestSerialize(requestHeaders(TYPICAL_HEADERS, false));
   const out = await exchange({ endAfter: 1, send: (s) => void s.write(frame(body, true)) });
   assert.equal(out.stuck, false);
-  assert.equal(out.messages.length, 1);
-  assert.equal(authorization(out.messages[0]!), 'Bearer eyJ.default');
-  assert.equal(out.grpcStatus, 0);
+  assert.equal(out.messages.length, 0);
+  assert.notEqual(out.grpcStatus, 0);
+  assert.equal(out.grpcStatus, 13); // INTERNAL
   await stillServes();
 });
 
@@ -275,4 +274,30 @@ test('11. x-oauth2-profile picks the profile; an unknown one is denied; none is 
   } finally {
     client.close();
   }
+});
+
+test('12. messages started and never finished are bounded all together: past LIMITS.maxPartialBytes a stream gets RESOURCE_EXHAUSTED, and the budget is given back', async () => {
+  // Each stream announces a message just under the size limit and sends all of it but one byte.
+  const size = LIMITS.maxMessageBytes - 16;
+  const streams = Math.ceil(LIMITS.maxPartialBytes / size) + 8;
+  const prefix = Buffer.alloc(5);
+  prefix.writeUInt32BE(size, 1);
+  const almost = Buffer.concat([prefix, Buffer.alloc(size - 1, 0x0a)]);
+  const on = await connect();
+  try {
+    const outcomes = await Promise.all(Array.from({ length: streams }, () => exchange({ send: (s) => void s.write(almost) }, on).catch(() => undefined)));
+    const refused = outcomes.filter((o) => o?.grpcStatus === 8).length;
+    assert.ok(refused >= 8, `${refused} of ${streams} streams got RESOURCE_EXHAUSTED`);
+    for (const o of outcomes) assert.notEqual(o?.grpcStatus, 0);
+  } finally {
+    on.destroy();
+  }
+  // The streams that were only waiting for their last byte are gone with the connection: the
+  // whole budget is free again, so a full-size message is read.
+  for (let i = 0; i < 100 && listener.openStreams > 0; i++) await sleep(50);
+  assert.equal(listener.openStreams, 0);
+  const full = await exchange({ send: (s) => void s.write(Buffer.concat([almost, Buffer.from([0x0a])])) });
+  assert.notEqual(full.grpcStatus, 8, 'the budget was not given back');
+  assert.notEqual(full.grpcStatus, 0); // not a ProcessingRequest: an error status, but not for its size
+  await stillServes();
 });

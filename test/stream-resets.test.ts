@@ -5,10 +5,8 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
-import { ExtProcService } from '../src/protocols/ext-proc.ts';
-import { createLogger } from '../src/logger.ts';
-import { Metrics } from '../src/metrics.ts';
-import { extProcService } from '../src/protocols/ext-proc-wire.ts';
+import { injectToken } from '../src/protocols/ext-proc-mutation.ts';
+import { encodeResponse, extProcService } from '../src/protocols/ext-proc-wire.ts';
 import { parseConfig } from '../src/config.ts';
 import { LIMITS } from '../src/grpc-listener.ts';
 import { resetFlood } from './helpers/grpc-attacks.ts';
@@ -51,16 +49,19 @@ test(`the sidecar answers ${STREAMS} streams reset by the client on one connecti
 });
 
 test('control: a grpc-js server with Node\'s default reset limits fails under the same churn', async () => {
-  // Shows the test above can fail: the same handler without the raised limits.
+  // Shows the test above can fail: a server that answers the same way, on grpc-js's own HTTP/2
+  // server with Node's default reset limits.
   const config = parseConfig(`profiles: { default: { tokenUrl: 'https://idp.test/t', clientId: a, clientSecret: b } }`, { env: {} });
   const token = { accessToken: 't', tokenType: 'Bearer', obtainedAt: 0, expiresAt: 1, refreshInSeconds: undefined };
-  const service = new ExtProcService({
-    profiles: [{ config: config.profiles.default!, tokens: { current: () => token } }],
-    logger: createLogger('silent'),
-    metrics: new Metrics({ defaultMetrics: false }),
-  });
+  const reply = encodeResponse(injectToken(config.profiles.default!, token));
   const server = new grpc.Server();
-  server.addService(extProcService, { Process: service.process });
+  server.addService(extProcService, {
+    Process: (call: grpc.ServerDuplexStream<unknown, Buffer>) => {
+      call.on('data', () => call.write(reply));
+      call.on('end', () => call.end());
+      call.on('error', () => {});
+    },
+  });
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
   try {

@@ -2,7 +2,7 @@
 // one ProcessingResponse of its kind, at once, from replies encoded ahead of time. Nothing here
 // waits on the token endpoint, and no path closes a stream with OK before request_headers is
 // answered (that would tell Envoy "continue unchanged": the caller's key and no token).
-import { Metadata, status as grpcStatus, type ServerDuplexStream } from '@grpc/grpc-js';
+import { status as grpcStatus } from '@grpc/grpc-js';
 import type { ProfileConfig } from '../config.ts';
 import { DEFAULT_PROFILE } from '../config.ts';
 import { describeError } from '../errors.ts';
@@ -11,7 +11,8 @@ import type { Logger } from '../logger.ts';
 import type { Metrics, RequestOutcome } from '../metrics.ts';
 import { HeaderNamePolicy } from '../policy/header-names.ts';
 import { QueryNamePolicy, type ByteString } from '../policy/query-names.ts';
-import { decodeRequest, encodeResponse, findPath, HeaderSpellingScanner, messageText, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './ext-proc-wire.ts';
+import { decodeRequest, encodeResponse, findPath, HeaderSpellingScanner, messageText, peekRequest, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './ext-proc-wire.ts';
+import type { GrpcCall } from './grpc-stream.ts';
 import type { Token } from '../token.ts';
 
 export const PROFILE_METADATA_KEY = 'x-oauth2-profile';
@@ -28,7 +29,17 @@ export interface ProfileBinding {
   readonly tokens: TokenProvider;
 }
 
-type Call = ServerDuplexStream<PeekedRequest, EncodedReply>;
+/** What an ext_proc stream carries from one message to the next (GrpcCall.session). */
+interface Session {
+  readonly profileName: string;
+  readonly answer: ProfileAnswer | undefined;
+  /**
+   * The token the stream's request carried, kept only for profiles with refresh.onBackendStatus
+   * (their routes send response headers too), until the response headers say how it was taken.
+   */
+  carried: Token | undefined;
+  sawRequestHeaders: boolean;
+}
 
 const EMPTY_REPLIES = new Map<RequestKind, EncodedReply>(
   REQUEST_KIND_NAMES.map((kind) => [kind, encodeResponse(emptyReply(kind))]),
@@ -142,11 +153,6 @@ export class ExtProcService {
   private readonly unknownProfilesLogged = new Set<string>();
   private readonly unknownProfileCounts = new Map<string, number>();
   private openStreams = 0;
-  /**
-   * The token each stream's request carried, kept only for profiles with refresh.onBackendStatus
-   * (their routes send response headers too), until the response headers say how it was taken.
-   */
-  private readonly carried = new WeakMap<Call, Token>();
 
   constructor(options: { profiles: readonly ProfileBinding[]; logger: Logger; metrics: Metrics }) {
     for (const p of options.profiles) this.answers.set(p.config.name, new ProfileAnswer(p.config, p.tokens));
@@ -161,40 +167,51 @@ export class ExtProcService {
   }
 
   /**
-   * The grpc-js handler for ExternalProcessor/Process. `beforeMessage` (the listener's stream
-   * bounds) runs on each message before it is answered, from this same 'data' listener.
+   * A new ext_proc stream (grpc-stream.ts): which profile it answers for, from the
+   * x-oauth2-profile metadata Envoy sends with it.
    */
-  readonly process = (call: Call, beforeMessage?: (call: Call) => void): void => {
+  open(call: GrpcCall): void {
     this.openStreams++;
-    // Listeners shared by every stream: only 'data' needs a closure of its own. A server call
-    // emits 'close' once, whether it ended cleanly or was cancelled or reset.
-    call.once('close', this.streamClosed);
-    call.on('error', this.streamError);
-    call.on('end', endCall);
-
-    const profileName = profileFromMetadata(call.metadata);
+    const profileName = call.metadata(PROFILE_METADATA_KEY) || DEFAULT_PROFILE;
     const answer = this.answers.get(profileName);
     if (answer === undefined) this.warnUnknownProfile(profileName);
+    const session: Session = { profileName, answer, carried: undefined, sawRequestHeaders: false };
+    call.session = session;
+  }
 
-    call.on('data', (request: PeekedRequest) => {
-      beforeMessage?.(call);
-      try {
-        this.onMessage(call, request, profileName, answer);
-      } catch (err) {
-        // Never let a bug close the stream cleanly: deny this request instead.
-        this.logger.error({ error: describeError(err), profile: profileName }, 'ext_proc handler failed; request denied');
-        call.write(this.internalErrorReply);
-      }
-    });
-  };
+  /** One ProcessingRequest: exactly one reply of its kind, or an error status. */
+  message(call: GrpcCall, bytes: Buffer): void {
+    const session = call.session as Session;
+    let request: PeekedRequest;
+    try {
+      request = peekRequest(bytes);
+    } catch {
+      call.fail(grpcStatus.INVALID_ARGUMENT, 'the ProcessingRequest cannot be decoded');
+      return;
+    }
+    try {
+      this.onMessage(call, request, session);
+    } catch (err) {
+      // Never let a bug close the stream cleanly: deny this request instead.
+      this.logger.error({ error: describeError(err), profile: session.profileName }, 'ext_proc handler failed; request denied');
+      call.write(this.internalErrorReply);
+    }
+  }
 
-  private readonly streamClosed = (): void => {
+  /**
+   * Envoy half-closed its side (graceful close): finish ours with OK, once request_headers was
+   * answered. A stream that ends before that carried nothing to forward: it gets an error
+   * status, so that no reading of it means "continue unchanged".
+   */
+  end(call: GrpcCall): void {
+    if ((call.session as Session).sawRequestHeaders) call.finish();
+    else call.fail(grpcStatus.INVALID_ARGUMENT, 'the stream ended before request_headers');
+  }
+
+  closed(call: GrpcCall): void {
     this.openStreams--;
-  };
-
-  private readonly streamError = (err: Error): void => {
-    this.logger.debug({ error: describeError(err) }, 'ext_proc stream error');
-  };
+    call.session = undefined;
+  }
 
   private warnUnknownProfile(profileName: string): void {
     if (this.unknownProfilesLogged.has(profileName) || this.unknownProfilesLogged.size >= UNKNOWN_PROFILES_TRACKED) return;
@@ -212,16 +229,18 @@ export class ExtProcService {
     for (const [name, count] of this.unknownProfileCounts) yield [name, 'unknown_profile', count];
   }
 
-  private onMessage(call: Call, request: PeekedRequest, profileName: string, answer: ProfileAnswer | undefined): void {
-    if (request.observabilityMode) return; // Envoy forbids replies in observability mode.
+  private onMessage(call: GrpcCall, request: PeekedRequest, session: Session): void {
     const kind = request.kind;
+    if (kind === 'request_headers') session.sawRequestHeaders = true;
+    if (request.observabilityMode) return; // Envoy forbids replies in observability mode.
     if (kind === undefined) {
       // A request kind this processor does not know (a newer Envoy?): fail the stream, never OK.
-      call.emit('error', { code: grpcStatus.INVALID_ARGUMENT, details: 'ProcessingRequest carries no request kind this processor knows', metadata: new Metadata() });
+      call.fail(grpcStatus.INVALID_ARGUMENT, 'ProcessingRequest carries no request kind this processor knows');
       return;
     }
+    const { answer, profileName } = session;
     if (kind !== 'request_headers') {
-      if (kind === 'response_headers' && answer !== undefined) this.responseHeaders(call, request, answer);
+      if (kind === 'response_headers' && answer !== undefined) this.responseHeaders(session, request, answer);
       call.write(EMPTY_REPLIES.get(kind)!);
       return;
     }
@@ -239,15 +258,15 @@ export class ExtProcService {
     }
     const reply = answer.answer(request);
     call.write(reply);
-    if (answer.config.refresh.onBackendStatus.length > 0 && answer.lastToken !== undefined) this.carried.set(call, answer.lastToken);
+    if (answer.config.refresh.onBackendStatus.length > 0) session.carried = answer.lastToken;
     if (this.logger.isLevelEnabled('debug')) this.logRequest(request, profileName, answer.outcomeName);
   }
 
   /** A route that sends response headers: did the backend refuse the token this request carried? */
-  private responseHeaders(call: Call, request: PeekedRequest, answer: ProfileAnswer): void {
-    const token = this.carried.get(call);
+  private responseHeaders(session: Session, request: PeekedRequest, answer: ProfileAnswer): void {
+    const token = session.carried;
     if (token === undefined) return;
-    this.carried.delete(call);
+    session.carried = undefined;
     const headers: Array<{ key?: string; value?: string; raw_value?: Buffer }> = decodeRequest(request.bytes).response_headers?.headers?.headers ?? [];
     const header = headers.find((h) => h.key === ':status');
     const status = header === undefined ? NaN : Number(headerValue(header));
@@ -283,11 +302,6 @@ export class ExtProcService {
   }
 }
 
-/** Envoy half-closed its side: finish ours (graceful close, no reset needed). */
-function endCall(this: Call): void {
-  this.end();
-}
-
 /** `:path` as a byte string, from the decoded message (when findPath could not read it). */
 function pathOf(request: PeekedRequest): ByteString | undefined {
   const headers: Array<{ key?: string; value?: string; raw_value?: Buffer }> = decodeRequest(request.bytes).request_headers?.headers?.headers ?? [];
@@ -302,11 +316,4 @@ export function headerValue(header: { value?: string; raw_value?: Buffer | Uint8
   const raw = header.raw_value;
   if (raw !== undefined && raw.length > 0) return Buffer.from(raw).toString('utf8');
   return header.value ?? '';
-}
-
-function profileFromMetadata(metadata: Metadata): string {
-  const value = metadata.get(PROFILE_METADATA_KEY)[0];
-  if (value === undefined) return DEFAULT_PROFILE;
-  const name = typeof value === 'string' ? value : value.toString('utf8');
-  return name === '' ? DEFAULT_PROFILE : name;
 }

@@ -4,12 +4,12 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { parseConfig } from '../../src/config.ts';
-import { ExtProcService } from '../../src/protocols/ext-proc.ts';
+import type { ExtProcService } from '../../src/protocols/ext-proc.ts';
 import { createLogger } from '../../src/logger.ts';
 import { Metrics } from '../../src/metrics.ts';
-import { extProcService } from '../../src/protocols/ext-proc-wire.ts';
 import type { Token } from '../../src/token.ts';
 import { ExtProcClient, requestHeaders, setHeaders, TYPICAL_HEADERS, upstreamMethod } from '../helpers/extproc-client.ts';
+import { serveExtProc, type ExtProcServer } from '../helpers/ext-proc-server.ts';
 
 const config = parseConfig(`
 profiles:
@@ -24,28 +24,25 @@ const token = (accessToken: string, tokenType = 'Bearer'): Token => ({ accessTok
 const logLines: Array<Record<string, any>> = [];
 const logger = createLogger('debug', { write: (line: string) => void logLines.push(JSON.parse(line)) });
 const metrics = new Metrics({ defaultMetrics: false });
-const service = new ExtProcService({
-  profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: { current: () => tokens[p.name] } })),
-  logger,
-  metrics,
-});
-
-let server: grpc.Server;
+let server: ExtProcServer;
+let service: ExtProcService;
 let address: string;
 let client: ExtProcClient;
 
 before(async () => {
-  server = new grpc.Server();
-  server.addService(extProcService, { Process: service.process });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
-  address = `127.0.0.1:${port}`;
+  server = await serveExtProc({
+    profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: { current: () => tokens[p.name] } })),
+    logger,
+    metrics,
+  });
+  service = server.service;
+  address = server.address;
   client = new ExtProcClient(address);
 });
 
 after(() => {
   client.close();
-  server.forceShutdown();
+  server.close();
 });
 
 const setHeader = (key: string, value: string) => ({ header: { key, raw_value: Buffer.from(value) }, append_action: 'OVERWRITE_IF_EXISTS_OR_ADD' });
