@@ -45,8 +45,8 @@ export const LIMITS = {
   /**
    * Bytes of messages received in part, all streams together: a client that starts many large
    * messages and never finishes them would otherwise hold maxMessageBytes per open stream. Past
-   * it, the stream whose message does not fit gets RESOURCE_EXHAUSTED. Envoy sends each message
-   * whole, and at once.
+   * it, the stream whose message does not fit gets RESOURCE_EXHAUSTED. Envoy writes each
+   * message's frames back to back: a message still in part after 2 s is dropped with its stream.
    */
   maxPartialBytes: 32 * 1024 * 1024,
   /**
@@ -73,8 +73,13 @@ export const LIMITS = {
 
 /** How often idle streams are looked for; also the resolution of the idle limits. */
 const SWEEP_MS = 1000;
-/** After its error status, a stream the client does not close within this is reset. */
+/** After its status, a stream the client does not close within this is reset. */
 const CLOSE_GRACE_MS = 2000;
+/**
+ * A message that came in part and is still not complete after this is abandoned: Envoy writes
+ * each message's frames back to back, so only a client holding the budget waits this long.
+ */
+const PARTIAL_MESSAGE_MS = 2000;
 /**
  * Drain: the process stops once no stream has opened for this long and none is open. Under
  * load through Envoy the gap between two streams is well under a millisecond; 2 s still waits
@@ -102,11 +107,17 @@ export class GrpcListener implements CallHandler {
   private netServer: NetServer | undefined;
   private socketPath: string | undefined;
   private readonly sockets = new Set<Socket>();
-  /** Open ext_proc streams; on each, openedAt/lastActive/failedAt are SWEEP ticks (the coarse clock costs nothing per message), failedAt 0 until we sent it an error status. */
+  /**
+   * Open ext_proc streams. On each, openedAt, lastActive and failedAt are times of the SWEEP
+   * clock (`now`: the coarse clock costs nothing per message); failedAt is 0 until we sent the
+   * stream an error status.
+   */
   private readonly streams = new Set<GrpcCall>();
   private readonly messageLimits = new MessageBudget(LIMITS.maxMessageBytes, LIMITS.maxPartialBytes);
   private now = Date.now();
   private lastStreamAt = 0;
+  /** Set by close(): streams that open after it are refused (Envoy retries those elsewhere). */
+  private closing = false;
   private readonly sweeper: NodeJS.Timeout;
   private readonly refusals = { connections: 0, streams: 0, idle: 0, unread: 0 };
   private lastRefusalLog = 0;
@@ -205,6 +216,7 @@ export class GrpcListener implements CallHandler {
 
   /** Stops listening and ends every open stream with UNAVAILABLE, then every connection. */
   private async close(): Promise<void> {
+    this.closing = true;
     this.netServer?.close();
     for (const call of this.streams) call.fail(grpcStatus.UNAVAILABLE, 'the sidecar is shutting down');
     // GOAWAY on every connection; those that have not closed shortly after are cut.
@@ -244,10 +256,13 @@ export class GrpcListener implements CallHandler {
 
   private admit(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
     this.lastStreamAt = Date.now();
-    if (this.streams.size >= LIMITS.maxOpenStreams) {
-      this.refusals.streams++;
-      this.logRefusals();
-      // REFUSED_STREAM: nothing was processed; and unlike a status, a reset needs no reading client.
+    if (this.closing || this.streams.size >= LIMITS.maxOpenStreams) {
+      if (!this.closing) {
+        this.refusals.streams++;
+        this.logRefusals();
+      }
+      // REFUSED_STREAM: nothing was processed, so Envoy may retry it; and unlike a status, a
+      // reset needs no reading client.
       stream.on('error', ignore); // our own reset, reported back
       stream.close(http2Constants.NGHTTP2_REFUSED_STREAM);
       return;
@@ -294,9 +309,14 @@ export class GrpcListener implements CallHandler {
     const now = Date.now();
     this.now = now;
     for (const call of this.streams) {
+      if (call.failedAt === 0 && call.statusSent) call.failedAt = now; // answered elsewhere (OK or not)
       if (call.failedAt !== 0) {
         // Told to go, still open: its client does not read, so the status cannot reach it.
         if (now - call.failedAt >= CLOSE_GRACE_MS) call.reset();
+      } else if (call.partialSince !== 0 && now - call.partialSince >= PARTIAL_MESSAGE_MS) {
+        call.failedAt = now;
+        this.refusals.idle++;
+        call.fail(grpcStatus.DEADLINE_EXCEEDED, `a message was not completed within ${PARTIAL_MESSAGE_MS / 1000} s`);
       } else if (call.messages === 0 && now - call.openedAt >= LIMITS.firstMessageMs) {
         call.failedAt = now;
         this.refusals.idle++;

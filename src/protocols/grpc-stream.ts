@@ -36,6 +36,8 @@ export class MessageBudget {
 }
 const RESPONSE_HEADERS: OutgoingHttpHeaders = { ':status': 200, 'content-type': 'application/grpc', 'grpc-accept-encoding': 'identity' };
 const OK_TRAILERS: OutgoingHttpHeaders = { 'grpc-status': '0' };
+/** What trailers asked for with no status set would carry (no path does that): never OK. */
+const INTERNAL_TRAILERS: OutgoingHttpHeaders = { 'grpc-status': String(grpcStatus.INTERNAL), 'grpc-message': 'no status was set' };
 
 /** Where the call sits on its HTTP/2 stream, so that one shared listener serves every stream. */
 const CALL = Symbol('oauth2-extproc gRPC call');
@@ -46,8 +48,13 @@ export class GrpcCall {
   readonly headers: IncomingHttpHeaders;
   private readonly handler: CallHandler;
   private readonly budget: MessageBudget;
-  /** Bytes of a message not complete yet (undefined: none pending). */
-  private partial: Buffer | undefined;
+  /** A message prefix cut between frames, up to 5 bytes. */
+  private head: Buffer | undefined;
+  /** A message that came in part: allocated at its announced length, `filled` bytes in. */
+  private body: Buffer | undefined;
+  private filled = 0;
+  /** When the message in `body` began (Date.now()), or 0: an unfinished one is held only so long. */
+  partialSince = 0;
   private headersSent = false;
   /** Trailers to send once the replies are out, or undefined while the call is open. */
   private trailers: OutgoingHttpHeaders | undefined;
@@ -82,6 +89,11 @@ export class GrpcCall {
   /** Replies not yet taken by the client, in bytes. */
   get unsentBytes(): number {
     return this.stream.writableLength;
+  }
+
+  /** True once a status (OK or not) was sent. */
+  get statusSent(): boolean {
+    return this.trailers !== undefined;
   }
 
   /** True once a status was sent or the stream is gone. */
@@ -127,59 +139,96 @@ export class GrpcCall {
     }
   }
 
-  /** Splits what arrived into messages: one DATA frame may hold part of one, or several. */
+  /**
+   * Splits what arrived into messages: one DATA frame may hold several, or part of one. A whole
+   * message in one frame is handed on as a view of it; one over several frames is copied once,
+   * into a buffer of its announced length, counted against the port's budget.
+   */
   received(chunk: Buffer): void {
-    if (this.trailers !== undefined) return; // answered with a status: the rest is not read
-    let data = this.partial === undefined ? chunk : Buffer.concat([this.partial, chunk]);
-    this.dropPartial();
-    while (data.length >= PREFIX_BYTES) {
-      const compressed = data[0]!;
-      const length = data.readUInt32BE(1);
-      if (compressed !== 0) {
-        // No grpc-encoding is accepted (grpc-accept-encoding: identity): a compressed message
-        // cannot be read, and is a protocol error (gRPC over HTTP/2, "Compressed-Flag").
-        this.fail(grpcStatus.INTERNAL, compressed === 1 ? 'compressed messages are not accepted (grpc-accept-encoding: identity)' : 'malformed gRPC message prefix');
+    let at = 0;
+    while (at < chunk.length && this.trailers === undefined) {
+      if (this.body !== undefined) {
+        const n = Math.min(this.body.length - this.filled, chunk.length - at);
+        chunk.copy(this.body, this.filled, at, at + n);
+        this.filled += n;
+        at += n;
+        if (this.filled < this.body.length) return;
+        const message = this.body;
+        this.dropPartial();
+        this.handler.message(this, message);
+        continue;
+      }
+      let prefix: Buffer;
+      if (this.head === undefined && chunk.length - at >= PREFIX_BYTES) {
+        prefix = chunk.subarray(at, at + PREFIX_BYTES);
+        at += PREFIX_BYTES;
+      } else {
+        // A prefix cut between frames (a client writing byte by byte): at most 5 bytes kept.
+        this.head ??= Buffer.alloc(0);
+        const n = Math.min(PREFIX_BYTES - this.head.length, chunk.length - at);
+        this.head = Buffer.concat([this.head, chunk.subarray(at, at + n)]);
+        at += n;
+        if (this.head.length < PREFIX_BYTES) return;
+        prefix = this.head;
+        this.head = undefined;
+      }
+      const length = this.checkedLength(prefix);
+      if (length < 0) return;
+      if (chunk.length - at >= length) {
+        this.handler.message(this, chunk.subarray(at, at + length));
+        at += length;
+        continue;
+      }
+      if (this.budget.partialBytes + length > this.budget.maxPartialBytes) {
+        this.fail(grpcStatus.RESOURCE_EXHAUSTED, 'too many messages in progress on this port');
         return;
       }
-      if (length > this.budget.maxMessageBytes) {
-        this.fail(grpcStatus.RESOURCE_EXHAUSTED, `Received message larger than max (${length} vs. ${this.budget.maxMessageBytes})`);
-        return;
-      }
-      if (data.length < PREFIX_BYTES + length) break;
-      const message = data.subarray(PREFIX_BYTES, PREFIX_BYTES + length);
-      data = data.subarray(PREFIX_BYTES + length);
-      this.handler.message(this, message);
-      if (this.trailers !== undefined) return;
+      this.body = Buffer.allocUnsafe(length);
+      this.filled = 0;
+      this.budget.partialBytes += length;
+      this.partialSince = Date.now();
     }
-    if (data.length === 0) return;
-    if (this.budget.partialBytes + data.length > this.budget.maxPartialBytes) {
-      this.fail(grpcStatus.RESOURCE_EXHAUSTED, 'too many messages in progress on this port');
-      return;
+  }
+
+  /** The message length a prefix announces, or -1 once the call is failed for it. */
+  private checkedLength(prefix: Buffer): number {
+    const compressed = prefix[0]!;
+    const length = prefix.readUInt32BE(1);
+    if (compressed !== 0) {
+      // No grpc-encoding is accepted (grpc-accept-encoding: identity): a compressed message
+      // cannot be read, and is a protocol error (gRPC over HTTP/2, "Compressed-Flag").
+      this.fail(grpcStatus.INTERNAL, compressed === 1 ? 'compressed messages are not accepted' : 'malformed gRPC message prefix');
+      return -1;
     }
-    this.partial = Buffer.from(data); // a copy: the chunk's memory is Node's
-    this.budget.partialBytes += data.length;
+    if (length > this.budget.maxMessageBytes) {
+      this.fail(grpcStatus.RESOURCE_EXHAUSTED, `Received message larger than max (${length} vs. ${this.budget.maxMessageBytes})`);
+      return -1;
+    }
+    return length;
   }
 
   private dropPartial(): void {
-    if (this.partial === undefined) return;
-    this.budget.partialBytes -= this.partial.length;
-    this.partial = undefined;
+    this.head = undefined;
+    if (this.body === undefined) return;
+    this.budget.partialBytes -= this.body.length;
+    this.body = undefined;
+    this.partialSince = 0;
   }
 
   /** After a throw in the wire code: an INTERNAL status if one can still be sent, else a reset. */
   failOrReset(): void {
     try {
       if (this.trailers === undefined) this.fail(grpcStatus.INTERNAL, 'the sidecar failed to process the stream');
-      else this.reset();
+      else this.reset(http2Constants.NGHTTP2_INTERNAL_ERROR);
     } catch {
-      this.stream.destroy();
+      destroyWithError(this.stream);
     }
   }
 
   /** Called by onEnd. */
   ended(): void {
     if (this.trailers !== undefined) return;
-    if (this.partial !== undefined) {
+    if (this.head !== undefined || this.body !== undefined) {
       this.fail(grpcStatus.INTERNAL, 'the stream ended inside a message');
       return;
     }
@@ -194,7 +243,7 @@ export class GrpcCall {
 
   /** Called by onWantTrailers. */
   sendTrailers(): void {
-    if (!this.stream.destroyed) this.stream.sendTrailers(this.trailers ?? OK_TRAILERS);
+    if (!this.stream.destroyed) this.stream.sendTrailers(this.trailers ?? INTERNAL_TRAILERS);
   }
 }
 
@@ -227,7 +276,16 @@ function onWantTrailers(this: Carrier): void {
   try {
     this[CALL]?.sendTrailers();
   } catch {
-    this.destroy();
+    destroyWithError(this);
+  }
+}
+
+/** The last resort: RST_STREAM INTERNAL_ERROR (a bare destroy() would send NO_ERROR). */
+function destroyWithError(stream: ServerHttp2Stream): void {
+  try {
+    stream.close(http2Constants.NGHTTP2_INTERNAL_ERROR);
+  } catch {
+    stream.destroy();
   }
 }
 
@@ -235,20 +293,19 @@ function onWantTrailers(this: Carrier): void {
 export function ignore(): void {}
 
 /**
- * The message with its gRPC prefix. Almost every reply is one Buffer built ahead of time and
- * written to stream after stream, so the last one framed is kept.
+ * The message with its gRPC prefix. Almost every reply is one Buffer built ahead of time (per
+ * token, per kind) and written to stream after stream: each is framed once.
  */
-let lastPayload: Buffer | undefined;
-let lastFramed: Buffer | undefined;
+const framedReplies = new WeakMap<Buffer, Buffer>();
 
 function framed(payload: Buffer): Buffer {
-  if (payload === lastPayload && lastFramed !== undefined) return lastFramed;
-  const out = Buffer.allocUnsafe(PREFIX_BYTES + payload.length);
+  let out = framedReplies.get(payload);
+  if (out !== undefined) return out;
+  out = Buffer.allocUnsafe(PREFIX_BYTES + payload.length);
   out[0] = 0;
   out.writeUInt32BE(payload.length, 1);
   payload.copy(out, PREFIX_BYTES);
-  lastPayload = payload;
-  lastFramed = out;
+  framedReplies.set(payload, out);
   return out;
 }
 
@@ -263,5 +320,8 @@ export function percentEncode(text: string): string {
 
 /** grpc-js's answer to a call that is not gRPC: 415, as its own server does. */
 export function refuseNotGrpc(stream: ServerHttp2Stream): void {
-  if (!stream.destroyed) stream.respond({ ':status': http2Constants.HTTP_STATUS_UNSUPPORTED_MEDIA_TYPE }, { endStream: true });
+  if (stream.destroyed || stream.closed) return;
+  stream.respond({ ':status': http2Constants.HTTP_STATUS_UNSUPPORTED_MEDIA_TYPE }, { endStream: true });
+  // Our side is done: do not wait for the client's (it is counted nowhere and never swept).
+  stream.close(http2Constants.NGHTTP2_NO_ERROR);
 }
