@@ -34,6 +34,7 @@ export class MessageBudget {
     this.maxPartialBytes = maxPartialBytes;
   }
 }
+
 const RESPONSE_HEADERS: OutgoingHttpHeaders = { ':status': 200, 'content-type': 'application/grpc', 'grpc-accept-encoding': 'identity' };
 const OK_TRAILERS: OutgoingHttpHeaders = { 'grpc-status': '0' };
 /** What trailers asked for with no status set would carry (no path does that): never OK. */
@@ -225,7 +226,7 @@ export class GrpcCall {
     }
   }
 
-  /** Called by onEnd. */
+  /** The client half-closed (onEnd): a message it left unfinished fails the call. */
   ended(): void {
     if (this.trailers !== undefined) return;
     if (this.head !== undefined || this.body !== undefined) {
@@ -235,13 +236,13 @@ export class GrpcCall {
     this.handler.end(this);
   }
 
-  /** Called by onClose. */
+  /** The HTTP/2 stream is gone (onClose): what it held of the budget is given back. */
   gone(): void {
     this.dropPartial();
     this.handler.closed(this);
   }
 
-  /** Called by onWantTrailers. */
+  /** Node asks for the trailers once every reply is out (onWantTrailers). */
   sendTrailers(): void {
     if (!this.stream.destroyed) this.stream.sendTrailers(this.trailers ?? INTERNAL_TRAILERS);
   }
