@@ -109,8 +109,8 @@ export class GrpcListener implements CallHandler {
   private readonly sockets = new Set<Socket>();
   /**
    * Open ext_proc streams. On each, openedAt, lastActive and failedAt are times of the SWEEP
-   * clock (`now`: the coarse clock costs nothing per message); failedAt is 0 until we sent the
-   * stream an error status.
+   * clock (`now`: the coarse clock costs nothing per message); failedAt is 0 until the stream
+   * was sent its status (an error by us, or any status the sweep then sees).
    */
   private readonly streams = new Set<GrpcCall>();
   private readonly messageLimits = new MessageBudget(LIMITS.maxMessageBytes, LIMITS.maxPartialBytes);
