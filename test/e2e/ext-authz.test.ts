@@ -1,85 +1,28 @@
 // ext_authz mode through the real Envoy running the shipped envoy/envoy-ext-authz.yaml (addresses
 // rewritten only): the sidecar answers each Check with the token header to set and the key
 // headers and query parameters to remove, or the deny. Judged from the backend's side.
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createServer } from 'node:net';
-import { startOAuthServer, type OAuthServer } from '../helpers/oauth-server.ts';
-import { profileFor, startSidecar, type SidecarProcess } from '../helpers/sidecar.ts';
-import { headerValues, startEchoBackend, type EchoBackend, type ReceivedRequest } from '../helpers/echo-backend.ts';
-import { ENVOY_MISSING, eventually, findEnvoy, send, startEnvoy, type EnvoyProcess } from '../helpers/envoy.ts';
+import { startSidecar } from '../helpers/sidecar.ts';
+import { headerValues } from '../helpers/echo-backend.ts';
+import { ENVOY_MISSING, eventually, findEnvoy, send } from '../helpers/envoy.ts';
+import { assertNoKey, bearer, defaultAndReports, FORGED, freePort as closedPort, KEY, useStack } from '../helpers/e2e-stack.ts';
 
 const skip = findEnvoy() === undefined && !process.env.CI ? ENVOY_MISSING : false;
-const KEY = 'caller-subscription-key-5f2c9a';
-const FORGED = 'Bearer forged.by.the-caller';
-
-async function closedPort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
-
-function bearer(received: ReceivedRequest): string {
-  const values = headerValues(received, 'authorization');
-  assert.equal(values.length, 1, `one authorization header: ${JSON.stringify(values)}`);
-  const m = /^Bearer (\S+)$/.exec(values[0]!);
-  assert.ok(m, 'Bearer <token>');
-  return m[1]!;
-}
-
-function assertNoKey(received: ReceivedRequest): void {
-  assert.deepEqual(headerValues(received, 'ocp-apim-subscription-key'), []);
-  assert.ok(!JSON.stringify(received).includes(KEY), JSON.stringify(received));
-}
 
 describe('ext_authz with tokens', { skip }, () => {
-  let idp: OAuthServer;
-  let backend: EchoBackend;
-  let sidecar: SidecarProcess;
-  let envoy: EnvoyProcess;
-
-  before(async () => {
-    idp = await startOAuthServer();
-    backend = await startEchoBackend();
-    sidecar = await startSidecar({
-      config: {
-        profiles: {
-          default: profileFor(idp),
-          reports: profileFor(idp, {
-            clientId: idp.clients.basic.clientId,
-            clientSecret: idp.clients.basic.clientSecret,
-            clientAuth: 'client_secret_basic',
-            resource: 'https://reports.test',
-          }),
-        },
-      },
-    });
-    envoy = await startEnvoy({ config: 'envoy-ext-authz.yaml', clusters: { oauth2_extproc: sidecar.grpcAddress, backend: backend.address } });
+  const stack = useStack({
+    sidecar: ({ idp }) => startSidecar({ config: { profiles: defaultAndReports(idp) } }),
+    envoy: { config: 'envoy-ext-authz.yaml' },
   });
-
-  after(async () => {
-    await envoy?.stop();
-    await sidecar?.stop();
-    await backend?.close();
-    await idp?.close();
-  });
-
-  async function through(path: string, headers: string[] = []): Promise<ReceivedRequest> {
-    const before = backend.tally.total;
-    const reply = await send(`${envoy.url}${path}`, { headers });
-    assert.equal(reply.status, 200, reply.body);
-    assert.equal(backend.tally.total, before + 1, 'exactly one request reached the backend');
-    return backend.requests.at(-1)!;
-  }
+  const { through } = stack;
 
   test('the token is set, and replaces what the caller sent, whatever its form or count', async () => {
     for (const headers of [[], ['Authorization', FORGED], ['authorization', FORGED, 'AUTHORIZATION', 'Basic Zm9yZ2Vk']]) {
       const received = await through('/orders/42?expand=lines', headers);
       assert.equal(received.url, '/orders/42?expand=lines');
-      const claims = await idp.verify(bearer(received));
-      assert.equal(claims.sub, idp.clients.post.clientId);
+      const claims = await stack.idp.verify(bearer(received));
+      assert.equal(claims.sub, stack.idp.clients.post.clientId);
     }
   });
 
@@ -103,75 +46,57 @@ describe('ext_authz with tokens', { skip }, () => {
 
   test('the /reports/ route (context extension x-oauth2-profile) gets its own token', async () => {
     const received = await through('/reports/monthly', ['Ocp-Apim-Subscription-Key', KEY, 'Authorization', FORGED]);
-    const claims = await idp.verify(bearer(received), 'https://reports.test');
-    assert.equal(claims.sub, idp.clients.basic.clientId);
+    const claims = await stack.idp.verify(bearer(received), 'https://reports.test');
+    assert.equal(claims.sub, stack.idp.clients.basic.clientId);
     assertNoKey(received);
   });
 });
 
 describe('ext_authz denies', { skip }, () => {
-  let backend: EchoBackend;
-  let sidecar: SidecarProcess;
-  let envoy: EnvoyProcess;
-
-  before(async () => {
-    backend = await startEchoBackend();
-    // A token endpoint nobody listens on (no token, ever), and no `reports` profile at all.
-    sidecar = await startSidecar({
+  // A token endpoint nobody listens on (no token, ever), and no `reports` profile at all.
+  const stack = useStack({
+    idp: false,
+    sidecar: async () => startSidecar({
       waitReady: false,
       config: { profiles: { default: { tokenUrl: `http://127.0.0.1:${await closedPort()}/token`, clientId: 'orders', clientSecret: 'secret', scope: 'api://orders/.default' } } },
-    });
-    envoy = await startEnvoy({ config: 'envoy-ext-authz.yaml', clusters: { oauth2_extproc: sidecar.grpcAddress, backend: backend.address } });
-  });
-
-  after(async () => {
-    await envoy?.stop();
-    await sidecar?.stop();
-    await backend?.close();
+    }),
+    envoy: { config: 'envoy-ext-authz.yaml' },
   });
 
   test('no token: the profile\'s status and the JSON body of ext_proc mode; the backend never reached', async () => {
-    const reply = await send(`${envoy.url}/orders/1`, { headers: ['Ocp-Apim-Subscription-Key', KEY] });
+    const reply = await send(`${stack.envoy.url}/orders/1`, { headers: ['Ocp-Apim-Subscription-Key', KEY] });
     assert.equal(reply.status, 503);
     assert.equal(reply.headers['content-type'], 'application/json');
     assert.equal(reply.headers['cache-control'], 'no-store');
     assert.deepEqual(JSON.parse(reply.body), { error: 'OAUTH2_ERR_NO_TOKEN', message: 'no usable access token for this profile', profile: 'default' });
-    assert.equal(backend.tally.total, 0);
+    assert.equal(stack.backend.tally.total, 0);
   });
 
   test('a route naming an unknown profile: 500 with the unknown-profile body', async () => {
-    const reply = await send(`${envoy.url}/reports/monthly`);
+    const reply = await send(`${stack.envoy.url}/reports/monthly`);
     assert.equal(reply.status, 500);
     assert.deepEqual(JSON.parse(reply.body), { error: 'OAUTH2_ERR_UNKNOWN_PROFILE', message: 'the stream names a profile that is not configured', profile: 'reports' });
-    assert.equal(backend.tally.total, 0);
-    await sidecar.waitForLog((r) => r.profile === 'reports' && /not configured/.test(r.msg));
+    assert.equal(stack.backend.tally.total, 0);
+    await stack.sidecar.waitForLog((r) => r.profile === 'reports' && /not configured/.test(r.msg));
   });
 });
 
 describe('ext_authz with the sidecar down', { skip }, () => {
-  let backend: EchoBackend;
-  let envoy: EnvoyProcess;
-
-  before(async () => {
-    backend = await startEchoBackend();
-    envoy = await startEnvoy({ config: 'envoy-ext-authz.yaml', clusters: { oauth2_extproc: `127.0.0.1:${await closedPort()}`, backend: backend.address } });
-  });
-
-  after(async () => {
-    await envoy?.stop();
-    await backend?.close();
+  const stack = useStack({
+    idp: false,
+    envoy: { config: 'envoy-ext-authz.yaml', clusters: async ({ backend }) => ({ oauth2_extproc: `127.0.0.1:${await closedPort()}`, backend: backend.address }) },
   });
 
   test('Envoy fails closed (503), the backend never reached; the filter-less /healthz still works', async () => {
     for (const path of ['/orders/1', '/reports/monthly']) {
-      const reply = await send(`${envoy.url}${path}`, { headers: ['Ocp-Apim-Subscription-Key', KEY, 'Authorization', FORGED] });
+      const reply = await send(`${stack.envoy.url}${path}`, { headers: ['Ocp-Apim-Subscription-Key', KEY, 'Authorization', FORGED] });
       assert.equal(reply.status, 503, path);
     }
-    assert.equal(backend.tally.total, 0);
-    const line = await eventually('the access-log line', () => envoy.accessLog.find((l) => l.includes('"path":"/orders/1"')));
+    assert.equal(stack.backend.tally.total, 0);
+    const line = await eventually('the access-log line', () => stack.envoy.accessLog.find((l) => l.includes('"path":"/orders/1"')));
     assert.match(line, /"flags":"UAEX"/); // unauthorized by the external authorization service (here: unreachable)
-    const health = await send(`${envoy.url}/healthz`, { headers: ['Ocp-Apim-Subscription-Key', KEY, 'Authorization', FORGED] });
+    const health = await send(`${stack.envoy.url}/healthz`, { headers: ['Ocp-Apim-Subscription-Key', KEY, 'Authorization', FORGED] });
     assert.equal(health.status, 200);
-    assert.deepEqual(headerValues(backend.requests[0]!, 'authorization'), []);
+    assert.deepEqual(headerValues(stack.backend.requests[0]!, 'authorization'), []);
   });
 });

@@ -1,66 +1,22 @@
 // Real HTTP through the real Envoy running the shipped envoy/envoy.yaml (addresses rewritten
 // only), the sidecar process, a real OAuth2 server and an echo backend. Everything is judged
 // from the backend's side: what the application actually receives.
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startOAuthServer, type OAuthServer } from '../helpers/oauth-server.ts';
-import { profileFor, startSidecar, type SidecarProcess } from '../helpers/sidecar.ts';
-import { headerValues, startEchoBackend, type EchoBackend, type ReceivedRequest } from '../helpers/echo-backend.ts';
-import { ENVOY_MISSING, eventually, findEnvoy, send, startEnvoy, type EnvoyProcess } from '../helpers/envoy.ts';
+import { startSidecar } from '../helpers/sidecar.ts';
+import { headerValues, type ReceivedRequest } from '../helpers/echo-backend.ts';
+import { ENVOY_MISSING, eventually, findEnvoy } from '../helpers/envoy.ts';
+import { bearer, defaultAndReports, FORGED, KEY, useStack } from '../helpers/e2e-stack.ts';
 
 const skip = findEnvoy() === undefined && !process.env.CI ? ENVOY_MISSING : false;
-const KEY = 'caller-subscription-key-5f2c9a';
-const FORGED = 'Bearer forged.by.the-caller';
 
-let idp: OAuthServer;
-let backend: EchoBackend;
-let sidecar: SidecarProcess;
-let envoy: EnvoyProcess;
-
-before(async () => {
-  if (skip) return;
-  idp = await startOAuthServer();
-  backend = await startEchoBackend();
-  sidecar = await startSidecar({
-    config: {
-      profiles: {
-        default: profileFor(idp),
-        // Another client (client_secret_basic) for another resource: another sub and aud.
-        reports: profileFor(idp, {
-          clientId: idp.clients.basic.clientId,
-          clientSecret: idp.clients.basic.clientSecret,
-          clientAuth: 'client_secret_basic',
-          resource: 'https://reports.test',
-        }),
-      },
-    },
-  });
-  envoy = await startEnvoy({ config: 'envoy.yaml', clusters: { oauth2_extproc: sidecar.grpcAddress, backend: backend.address } });
+const stack = useStack({
+  skip,
+  sidecar: ({ idp }) => startSidecar({ config: { profiles: defaultAndReports(idp) } }),
+  envoy: { config: 'envoy.yaml' },
 });
-
-after(async () => {
-  await envoy?.stop();
-  await sidecar?.stop();
-  await backend?.close();
-  await idp?.close();
-});
-
 /** Sends one request through Envoy and returns what the backend received for it. */
-async function through(path: string, headers: string[] = [], init: { method?: string; body?: string } = {}): Promise<{ received: ReceivedRequest; status: number; body: string }> {
-  const before = backend.tally.total;
-  const reply = await send(`${envoy.url}${path}`, { ...init, headers });
-  assert.equal(reply.status, 200, reply.body);
-  assert.equal(backend.tally.total, before + 1, 'exactly one request reached the backend');
-  return { received: backend.requests.at(-1)!, status: reply.status, body: reply.body };
-}
-
-function bearer(received: ReceivedRequest): string {
-  const values = headerValues(received, 'authorization');
-  assert.equal(values.length, 1, `one authorization header: ${JSON.stringify(values)}`);
-  const m = /^Bearer (\S+)$/.exec(values[0]!);
-  assert.ok(m, 'Bearer <token>');
-  return m[1]!;
-}
+const through = stack.exchange;
 
 function assertNoKey(received: ReceivedRequest): void {
   assert.deepEqual(headerValues(received, 'ocp-apim-subscription-key'), []);
@@ -71,10 +27,10 @@ function assertNoKey(received: ReceivedRequest): void {
 test('the backend receives authorization: Bearer <a JWT that verifies against the IdP keys>', { skip }, async () => {
   const { received } = await through('/orders/42?expand=lines');
   assert.equal(received.url, '/orders/42?expand=lines');
-  const claims = await idp.verify(bearer(received));
-  assert.equal(claims.sub, idp.clients.post.clientId);
+  const claims = await stack.idp.verify(bearer(received));
+  assert.equal(claims.sub, stack.idp.clients.post.clientId);
   assert.equal(claims.aud, 'https://upstream.test');
-  assert.equal(claims.client_id, idp.clients.post.clientId);
+  assert.equal(claims.client_id, stack.idp.clients.post.clientId);
 });
 
 test('a client-sent Authorization never arrives: it is replaced, whatever its form or count', { skip }, async () => {
@@ -86,7 +42,7 @@ test('a client-sent Authorization never arrives: it is replaced, whatever its fo
     const { received } = await through('/orders', headers);
     const token = bearer(received);
     assert.ok(!token.includes('forged'), JSON.stringify(headers));
-    await idp.verify(token);
+    await stack.idp.verify(token);
   }
 });
 
@@ -100,7 +56,7 @@ test('Ocp-Apim-Subscription-Key never arrives, whatever its case, also when sent
   ]) {
     const { received } = await through('/orders', headers);
     assertNoKey(received);
-    await idp.verify(bearer(received));
+    await stack.idp.verify(bearer(received));
   }
 });
 
@@ -108,7 +64,7 @@ test('a subscription key in the query string (?subscription-key=) never arrives 
   const { received } = await through(`/orders/42?expand=lines&subscription-key=${KEY}&page=2`);
   assert.equal(received.url, '/orders/42?expand=lines&page=2');
   assert.ok(!JSON.stringify(received).includes(KEY));
-  await idp.verify(bearer(received));
+  await stack.idp.verify(bearer(received));
   // Percent-encoded, the name is the same parameter to a backend that decodes its query.
   const encoded = await through(`/orders/42?subscription%2Dkey=${KEY}&q=%2F`);
   assert.equal(encoded.received.url, '/orders/42?q=%2F');
@@ -129,18 +85,18 @@ test('a request body passes through untouched (only headers go to the sidecar)',
 
 test('the /reports/ route (ExtProcPerRoute grpc_initial_metadata x-oauth2-profile) gets its own token', { skip }, async () => {
   const { received } = await through('/reports/monthly', ['Ocp-Apim-Subscription-Key', KEY, 'Authorization', FORGED]);
-  const claims = await idp.verify(bearer(received), 'https://reports.test');
-  assert.equal(claims.sub, idp.clients.basic.clientId);
+  const claims = await stack.idp.verify(bearer(received), 'https://reports.test');
+  assert.equal(claims.sub, stack.idp.clients.basic.clientId);
   assert.equal(claims.aud, 'https://reports.test');
   assertNoKey(received);
   // …and the default route still gets the default profile's token.
-  const other = await idp.verify(bearer((await through('/orders')).received));
-  assert.equal(other.sub, idp.clients.post.clientId);
+  const other = await stack.idp.verify(bearer((await through('/orders')).received));
+  assert.equal(other.sub, stack.idp.clients.post.clientId);
   assert.notEqual(other.sub, claims.sub);
 });
 
 test('/healthz skips the filter and still delivers no caller credentials', { skip }, async () => {
-  const metric = async (): Promise<string> => (await (await fetch(`${sidecar.adminUrl}/metrics`)).text())
+  const metric = async (): Promise<string> => (await (await fetch(`${stack.sidecar.adminUrl}/metrics`)).text())
     .split('\n').filter((l) => /^oauth2_extproc_requests_total\{/.test(l)).sort().join('\n');
   const before = await metric();
   assert.match(before, /outcome="injected"\} [1-9]/, 'earlier requests were counted');
@@ -152,17 +108,17 @@ test('/healthz skips the filter and still delivers no caller credentials', { ski
   const withKey = await through(`/healthz?subscription-key=${KEY}`);
   assert.equal(withKey.received.url, '/healthz');
   assert.ok(!JSON.stringify(withKey.received).includes(KEY));
-  await idp.verify(bearer(withKey.received));
+  await stack.idp.verify(bearer(withKey.received));
 });
 
 test('Envoy counted every ext_proc stream as answered, none failed; its access log names the route outcome', { skip }, async () => {
-  const stats = await envoy.stats('ext_proc\\.');
+  const stats = await stack.envoy.stats('ext_proc\\.');
   assert.ok((stats['http.ingress.ext_proc.streams_started'] ?? 0) > 0, JSON.stringify(stats));
   for (const name of ['streams_failed', 'message_timeouts', 'spurious_msgs_received', 'rejected_header_mutations', 'failure_mode_allowed']) {
     assert.equal(stats[`http.ingress.ext_proc.${name}`] ?? 0, 0, name);
   }
   // The path without its query string: a query may carry a subscription key.
-  const line = await eventually('an access-log line', () => envoy.accessLog.find((l) => l.includes('"path":"/orders/42"')));
+  const line = await eventually('an access-log line', () => stack.envoy.accessLog.find((l) => l.includes('"path":"/orders/42"')));
   assert.deepEqual({ ...JSON.parse(line), time: undefined, duration_ms: undefined, request_id: undefined }, {
     method: 'GET', path: '/orders/42', status: 200, details: 'via_upstream', flags: '-', upstream: 'backend',
     time: undefined, duration_ms: undefined, request_id: undefined,
@@ -171,9 +127,9 @@ test('Envoy counted every ext_proc stream as answered, none failed; its access l
 
 test('no token, secret or subscription key in the sidecar log or the Envoy access log', { skip }, async () => {
   const token = bearer((await through('/orders')).received);
-  const logs = [...sidecar.stdout, ...sidecar.stderr, ...envoy.accessLog].join('\n');
+  const logs = [...stack.sidecar.stdout, ...stack.sidecar.stderr, ...stack.envoy.accessLog].join('\n');
   assert.ok(logs.length > 0);
-  for (const secret of [token, token.split('.')[2]!, KEY, idp.clients.post.clientSecret, idp.clients.basic.clientSecret, 'forged']) {
+  for (const secret of [token, token.split('.')[2]!, KEY, stack.idp.clients.post.clientSecret, stack.idp.clients.basic.clientSecret, 'forged']) {
     assert.ok(!logs.includes(secret), `a log line contains ${secret.slice(0, 12)}…`);
   }
 });
