@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import { loadConfig, parseConfig } from '../src/config.ts';
 import { describeConfig } from '../src/config-summary.ts';
 import { ConfigError } from '../src/errors.ts';
+import { configProblems } from './helpers/config.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'oauth2-extproc-config-'));
 const secretFile = join(dir, 'client-secret');
@@ -28,13 +29,7 @@ profiles:
 const env = { TENANT_ID: 'contoso-tenant', CLIENT_ID: 'orders-client' };
 
 function problems(text: string, environment: NodeJS.ProcessEnv = env): string[] {
-  try {
-    parseConfig(text, { env: environment, baseDir: dir });
-  } catch (err) {
-    assert.ok(err instanceof ConfigError, `expected ConfigError, got ${err}`);
-    return err.problems.map((p) => `${p.path}: ${p.message}`);
-  }
-  assert.fail('expected the config to be rejected');
+  return configProblems(text, { env: environment, baseDir: dir });
 }
 
 test('the DESIGN.md example works as written, with every default filled in', () => {

@@ -11,6 +11,7 @@ import { Metrics } from '../src/metrics.ts';
 import { TokenCache } from '../src/token-cache.ts';
 import { TokenSource } from '../src/token-source.ts';
 import type { Token } from '../src/token.ts';
+import { fixed, testProfile } from './helpers/config.ts';
 import { FakeClock, settle } from './helpers/fake-clock.ts';
 import { startOAuthServer } from './helpers/oauth-server.ts';
 
@@ -18,26 +19,7 @@ const SECRET = 'cache-test-secret-Q7';
 const S = 1000;
 
 function profile(refresh: Partial<RefreshConfig> = {}, overrides: Partial<ProfileConfig> = {}): ProfileConfig {
-  return {
-    name: 'orders',
-    tokenUrl: 'http://127.0.0.1:9/token',
-    clientId: { read: () => 'cache-test' },
-    clientSecret: { read: () => SECRET },
-    clientAuth: 'client_secret_post',
-    scope: undefined,
-    resource: undefined,
-    audience: undefined,
-    extraParams: {},
-    timeoutMs: 20_000,
-    maxTokenBytes: 16_384,
-    header: 'authorization',
-    removeHeaders: ['ocp-apim-subscription-key'],
-    removeQueryParameters: ['subscription-key'],
-    onFailure: 'deny',
-    failureStatus: 503,
-    refresh: { share: 0.5, jitter: 0, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60, onBackendStatus: [], ...refresh },
-    ...overrides,
-  };
+  return testProfile({ name: 'orders', clientId: fixed('cache-test'), clientSecret: fixed(SECRET), ...overrides, refresh });
 }
 
 type Step =

@@ -11,6 +11,7 @@ import type { ProfileConfig } from '../src/config.ts';
 import { TokenEndpointError, TokenFetchError, TokenResponseError } from '../src/errors.ts';
 import { mask } from '../src/token-response.ts';
 import { TokenSource } from '../src/token-source.ts';
+import { fixed, testProfile } from './helpers/config.ts';
 import { FakeClock } from './helpers/fake-clock.ts';
 import { runCli, startSidecar, writeConfig } from './helpers/sidecar.ts';
 
@@ -154,25 +155,9 @@ after(async () => {
 });
 
 function profile(clientAuth: ClientAuth): ProfileConfig {
-  return {
-    name: 'echo',
-    tokenUrl: echo.url,
-    clientId: { read: () => CLIENT_ID },
-    clientSecret: { read: () => SECRET },
-    clientAuth,
-    scope: 'api://orders/.default',
-    resource: undefined,
-    audience: undefined,
-    extraParams: {},
-    timeoutMs: 5000,
-    maxTokenBytes: 16_384,
-    header: 'authorization',
-    removeHeaders: ['ocp-apim-subscription-key'],
-    removeQueryParameters: ['subscription-key'],
-    onFailure: 'deny',
-    failureStatus: 503,
-    refresh: { share: 0.5, jitter: 0, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60, onBackendStatus: [] },
-  };
+  return testProfile({
+    name: 'echo', tokenUrl: echo.url, clientId: fixed(CLIENT_ID), clientSecret: fixed(SECRET), clientAuth, scope: 'api://orders/.default', timeoutMs: 5000,
+  });
 }
 
 describe('an endpoint echoing the request in its error body', () => {

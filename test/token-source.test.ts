@@ -18,6 +18,7 @@ import {
   TokenTimeoutError,
 } from '../src/errors.ts';
 import { TokenSource } from '../src/token-source.ts';
+import { fixed, testProfile } from './helpers/config.ts';
 import { FakeClock } from './helpers/fake-clock.ts';
 import { SCOPES, startOAuthServer, type OAuthServer, type TestClient } from './helpers/oauth-server.ts';
 
@@ -35,26 +36,14 @@ after(async () => {
 });
 
 function profile(client: TestClient, overrides: Partial<ProfileConfig> = {}): ProfileConfig {
-  return {
-    name: 'default',
+  return testProfile({
     tokenUrl: server.tokenUrl,
-    clientId: { read: () => client.clientId },
-    clientSecret: { read: () => client.clientSecret },
+    clientId: fixed(client.clientId),
+    clientSecret: fixed(client.clientSecret),
     clientAuth: client.authMethod,
-    scope: undefined,
-    resource: undefined,
-    audience: undefined,
-    extraParams: {},
     timeoutMs: 5000,
-    maxTokenBytes: 16_384,
-    header: 'authorization',
-    removeHeaders: ['ocp-apim-subscription-key'],
-    removeQueryParameters: ['subscription-key'],
-    onFailure: 'deny',
-    failureStatus: 503,
-    refresh: { share: 0.5, jitter: 0.05, marginSeconds: 30, minBackoffSeconds: 1, maxBackoffSeconds: 60, onBackendStatus: [] },
     ...overrides,
-  };
+  });
 }
 
 function source(p: ProfileConfig, clock = new FakeClock()): TokenSource {
