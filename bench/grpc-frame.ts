@@ -6,16 +6,10 @@
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requestHeaders, TYPICAL_HEADERS, upstreamMethod } from '../test/helpers/extproc-client.ts';
+import { grpcFrame } from '../test/helpers/grpc-attacks.ts';
 
-export const EXT_PROC_PATH = '/envoy.service.ext_proc.v3.ExternalProcessor/Process';
+export { PROCESS_PATH as EXT_PROC_PATH } from '../src/protocols/ext-proc-wire.ts';
 export const GRPC_HEADERS = ['content-type: application/grpc', 'te: trailers'];
-
-export function grpcFrame(message: Buffer): Buffer {
-  const prefix = Buffer.alloc(5);
-  prefix.writeUInt8(0, 0); // not compressed
-  prefix.writeUInt32BE(message.length, 1);
-  return Buffer.concat([prefix, message]);
-}
 
 /** Writes the framed request_headers message into `dir`; returns the file and its size. */
 export function writeRequestFrame(dir: string): { file: string; bytes: number } {

@@ -8,13 +8,15 @@ import http2, { type ClientHttp2Session, type ClientHttp2Stream, type IncomingHt
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseConfig } from '../src/config.ts';
-import { GrpcListener, LIMITS } from '../src/grpc-listener.ts';
+import { LIMITS, type GrpcListener } from '../src/grpc-listener.ts';
 import { createLogger } from '../src/logger.ts';
 import { Metrics } from '../src/metrics.ts';
+import { PROCESS_PATH } from '../src/protocols/ext-proc-wire.ts';
 import type { Token } from '../src/token.ts';
 import { ExtProcClient, requestHeaders, setHeaders, TYPICAL_HEADERS, upstreamMethod } from './helpers/extproc-client.ts';
+import { serveExtProc } from './helpers/ext-proc-server.ts';
+import { grpcFrame, openSession } from './helpers/grpc-attacks.ts';
 
-const PROCESS_PATH = '/envoy.service.ext_proc.v3.ExternalProcessor/Process';
 const config = parseConfig(`
 profiles:
   default: { tokenUrl: 'https://idp.test/token', clientId: a, clientSecret: b }
@@ -29,14 +31,12 @@ let address: string;
 let session: ClientHttp2Session;
 
 before(async () => {
-  listener = new GrpcListener({
-    profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: { current: () => tokens[p.name], onChange: () => () => {} } })),
+  ({ listener, address } = await serveExtProc({
+    profiles: Object.values(config.profiles).map((p) => ({ config: p, tokens: { current: () => tokens[p.name] } })),
     logger: createLogger('silent'),
     metrics: new Metrics({ defaultMetrics: false }),
-  });
-  listener.setServing(true);
-  address = await listener.bind('127.0.0.1:0');
-  session = await connect();
+  }));
+  session = await openSession(address);
 });
 
 after(() => {
@@ -44,22 +44,7 @@ after(() => {
   listener.forceShutdown();
 });
 
-function connect(): Promise<ClientHttp2Session> {
-  return new Promise((resolve, reject) => {
-    const s = http2.connect(`http://${address}`);
-    s.once('connect', () => resolve(s));
-    s.once('error', reject);
-  });
-}
-
-/** One length-prefixed gRPC message. */
-function frame(body: Buffer, compressed = false): Buffer {
-  const prefix = Buffer.alloc(5);
-  prefix[0] = compressed ? 1 : 0;
-  prefix.writeUInt32BE(body.length, 1);
-  return Buffer.concat([prefix, body]);
-}
-const encode = (message: object): Buffer => frame(upstream.requestSerialize(message));
+const encode = (message: object): Buffer => grpcFrame(upstream.requestSerialize(message));
 const requestHeadersFrame = (): Buffer => encode(requestHeaders(TYPICAL_HEADERS, false));
 const responseHeadersFrame = (): Buffer => encode({ response_headers: { headers: { headers: [{ key: ':status', raw_value: Buffer.from('200') }] }, end_of_stream: true } });
 
@@ -179,7 +164,7 @@ test('3. a compressed flag with no grpc-encoding negotiated fails the stream: th
   // the bytes as the message and answered with the token and OK. The gRPC spec makes a compressed
   // message without an agreed encoding a protocol error.
   const body = upstream.requestSerialize(requestHeaders(TYPICAL_HEADERS, false));
-  const out = await exchange({ endAfter: 1, send: (s) => void s.write(frame(body, true)) });
+  const out = await exchange({ endAfter: 1, send: (s) => void s.write(grpcFrame(body, true)) });
   assert.equal(out.stuck, false);
   assert.equal(out.messages.length, 0);
   assert.notEqual(out.grpcStatus, 0);
@@ -216,7 +201,7 @@ test('5. content-type text/plain on the Process path: 415 or a gRPC error, no re
 });
 
 test('6 + 10. a valid prefix over garbage protobuf fails the stream with an ASCII grpc-message, never status 0', async () => {
-  const out = await exchange({ send: (s) => void s.write(frame(Buffer.from([0xff, 0xff, 0xff]))) });
+  const out = await exchange({ send: (s) => void s.write(grpcFrame(Buffer.from([0xff, 0xff, 0xff]))) });
   // grpc-js path: trailers-only 13 INTERNAL, 'Error%20deserializing%20request'.
   assert.notEqual(out.grpcStatus, undefined, `no grpc-status (RST_STREAM ${out.rstCode})`);
   assert.notEqual(out.grpcStatus, 0);
@@ -240,14 +225,14 @@ test('7. 200 streams reset right after request_headers leave no stream open, and
 });
 
 test('8. gRPC health Check on the same port answers SERVING', async () => {
-  const out = await exchange({ path: '/grpc.health.v1.Health/Check', send: (s) => void s.end(frame(Buffer.alloc(0))) });
+  const out = await exchange({ path: '/grpc.health.v1.Health/Check', send: (s) => void s.end(grpcFrame(Buffer.alloc(0))) });
   assert.equal(out.grpcStatus, 0);
   // HealthCheckResponse { status: SERVING (1) }: field 1, varint.
   assert.deepEqual([...out.messages[0] ?? []], [0, 0, 0, 0, 2, 0x08, 0x01]);
 });
 
 test('9. an unknown method on the same port gets UNIMPLEMENTED', async () => {
-  const out = await exchange({ path: '/nope.Service/Method', send: (s) => void s.end(frame(Buffer.alloc(0))) });
+  const out = await exchange({ path: '/nope.Service/Method', send: (s) => void s.end(grpcFrame(Buffer.alloc(0))) });
   assert.equal(out.grpcStatus, 12);
   assert.equal(out.messages.length, 0);
 });
@@ -283,7 +268,7 @@ test('12. messages started and never finished are bounded all together: past LIM
   const prefix = Buffer.alloc(5);
   prefix.writeUInt32BE(size, 1);
   const almost = Buffer.concat([prefix, Buffer.alloc(size - 1, 0x0a)]);
-  const on = await connect();
+  const on = await openSession(address);
   try {
     const outcomes = await Promise.all(Array.from({ length: streams }, () => exchange({ send: (s) => void s.write(almost) }, on).catch(() => undefined)));
     const refused = outcomes.filter((o) => o?.grpcStatus === 8).length;

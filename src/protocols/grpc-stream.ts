@@ -84,7 +84,9 @@ export class GrpcCall {
     const value = this.headers[key];
     if (value === undefined) return undefined;
     const first = Array.isArray(value) ? value[0] : value;
-    return first?.split(',')[0]?.trim();
+    if (first === undefined) return undefined;
+    const comma = first.indexOf(','); // a key sent twice arrives joined by ", "
+    return (comma < 0 ? first : first.slice(0, comma)).trim();
   }
 
   /** Replies not yet taken by the client, in bytes. */

@@ -4,17 +4,20 @@
 import { connect, constants, type ClientHttp2Session, type ClientHttp2Stream } from 'node:http2';
 import { readFileSync } from 'node:fs';
 import { parse } from 'yaml';
+import { PROCESS_PATH } from '../../src/protocols/ext-proc-wire.ts';
 import { requestHeaders, TYPICAL_HEADERS, upstreamMethod } from './extproc-client.ts';
 
-export const PROCESS_PATH = '/envoy.service.ext_proc.v3.ExternalProcessor/Process';
+/** A message with its gRPC prefix (gRPC over HTTP/2, "Length-Prefixed-Message"). */
+export function grpcFrame(body: Buffer, compressed = false): Buffer {
+  const prefix = Buffer.alloc(5);
+  prefix[0] = compressed ? 1 : 0;
+  prefix.writeUInt32BE(body.length, 1);
+  return Buffer.concat([prefix, body]);
+}
 
 /** One length-prefixed gRPC message (uncompressed) carrying a typical request_headers. */
 export function requestHeadersFrame(): Buffer {
-  const body = upstreamMethod().requestSerialize(requestHeaders(TYPICAL_HEADERS));
-  const frame = Buffer.alloc(5 + body.length);
-  frame.writeUInt32BE(body.length, 1);
-  body.copy(frame, 5);
-  return frame;
+  return grpcFrame(upstreamMethod().requestSerialize(requestHeaders(TYPICAL_HEADERS)));
 }
 
 export function openSession(address: string): Promise<ClientHttp2Session> {
