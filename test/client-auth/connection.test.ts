@@ -9,6 +9,7 @@ import { parseConfig } from '../../src/config.ts';
 import { describeConfig } from '../../src/config-summary.ts';
 import { TokenNetworkError } from '../../src/errors.ts';
 import { TokenSource } from '../../src/token-source.ts';
+import { withSource } from '../helpers/client-auth.ts';
 import { startConnectProxy, type ConnectProxy } from '../helpers/connect-proxy.ts';
 import { startOAuthServer, type OAuthServer } from '../helpers/oauth-server.ts';
 import { createPki, type Pki } from '../helpers/pki.ts';
@@ -45,24 +46,18 @@ ${extra.replace(/^/gm, '    ')}
 
 describe('tls.ca', () => {
   test('a private CA for client_secret_post: trusted with tls.ca, refused without', async () => {
-    const trusted = new TokenSource(parseConfig(postProfile(https, `tls:\n  ca: \${file:${pki.ca.certFile}}`), { env: {}, baseDir: pki.dir }).profiles.default!);
-    try {
+    await withSource(parseConfig(postProfile(https, `tls:\n  ca: \${file:${pki.ca.certFile}}`), { env: {}, baseDir: pki.dir }).profiles.default!, async (trusted) => {
       await https.verify((await trusted.fetch()).accessToken);
-    } finally {
-      await trusted.close();
-    }
+    });
     const untrusted = new TokenSource(parseConfig(postProfile(https), { env: {}, baseDir: pki.dir }).profiles.default!);
     await assert.rejects(untrusted.fetch(), TokenNetworkError);
   });
 
   test('another CA in tls.ca does not make the server trusted; a file with no certificate is a config error', async () => {
     const other = pki.otherCa();
-    const source = new TokenSource(parseConfig(postProfile(https, `tls:\n  ca: \${file:${other.certFile}}`), { env: {}, baseDir: pki.dir }).profiles.default!);
-    try {
+    await withSource(parseConfig(postProfile(https, `tls:\n  ca: \${file:${other.certFile}}`), { env: {}, baseDir: pki.dir }).profiles.default!, async (source) => {
       await assert.rejects(source.fetch(), TokenNetworkError);
-    } finally {
-      await source.close();
-    }
+    });
     writeFileSync(join(pki.dir, 'empty-ca.pem'), 'nothing here\n');
     assert.throws(() => parseConfig(postProfile(https, 'tls:\n  ca: ${file:empty-ca.pem}'), { env: {}, baseDir: pki.dir }), {
       message: 'profiles.default.tls.ca: holds no PEM certificate (-----BEGIN CERTIFICATE-----)',

@@ -8,7 +8,8 @@ import { after, before, describe, test } from 'node:test';
 import { decodeProtectedHeader, exportJWK, jwtVerify, type JWK } from 'jose';
 import { parseConfig, type ProfileConfig } from '../../src/config.ts';
 import { ConfigError, TokenEndpointError, TokenNetworkError } from '../../src/errors.ts';
-import { TokenSource } from '../../src/token-source.ts';
+import { withSource } from '../helpers/client-auth.ts';
+import { configProblems } from '../helpers/config.ts';
 import { startConnectProxy, type ConnectProxy } from '../helpers/connect-proxy.ts';
 import { startOAuthServer, type OAuthServer } from '../helpers/oauth-server.ts';
 import { createPki, type Issued, type Pki } from '../helpers/pki.ts';
@@ -75,8 +76,7 @@ function thumbprints(pem: string): { s256: string; s1: string } {
 
 describe('private_key_jwt against oidc-provider over HTTPS', () => {
   test('an RSA PKCS#8 key with its certificate: RFC 7523 claims, x5t#S256 and x5t, and a token the server signed', async () => {
-    const source = new TokenSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}\ncertificate: \${file:${keys.rsa8!.certFile}}\nkeyId: rsa8`));
-    try {
+    await withSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}\ncertificate: \${file:${keys.rsa8!.certFile}}\nkeyId: rsa8`), async (source) => {
       const token = await source.fetch();
       const claims = await server.verify(token.accessToken);
       assert.equal(claims.client_id, 'orders-jwt');
@@ -92,14 +92,11 @@ describe('private_key_jwt against oidc-provider over HTTPS', () => {
       assert.equal(payload.nbf, payload.iat);
       assert.equal(payload.exp, payload.iat! + 300);
       assert.match(String(payload.jti), /^[0-9a-f-]{36}$/);
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('every fetch signs a new assertion with a fresh jti', async () => {
-    const source = new TokenSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}`));
-    try {
+    await withSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}`), async (source) => {
       await source.fetch();
       const first = lastAssertion();
       await source.fetch();
@@ -109,55 +106,40 @@ describe('private_key_jwt against oidc-provider over HTTPS', () => {
       assert.notEqual(jti(first), jti(second));
       // No certificate configured: no thumbprints in the header.
       assert.deepEqual(decodeProtectedHeader(second), { alg: 'RS256', typ: 'JWT' });
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('a PKCS#1 RSA key and a SEC1 EC key (ES256) are read as they are', async () => {
     for (const [name, alg] of [['rsa1', 'RS256'], ['ec1', 'ES256']] as const) {
       assert.match(keys[name]!.key, name === 'rsa1' ? /BEGIN RSA PRIVATE KEY/ : /BEGIN EC PRIVATE KEY/);
-      const source = new TokenSource(config(`privateKey: \${file:${keys[name]!.keyFile}}\ncertificate: \${file:${keys[name]!.certFile}}`));
-      try {
+      await withSource(config(`privateKey: \${file:${keys[name]!.keyFile}}\ncertificate: \${file:${keys[name]!.certFile}}`), async (source) => {
         await server.verify((await source.fetch()).accessToken);
         assert.equal(decodeProtectedHeader(lastAssertion()).alg, alg);
-      } finally {
-        await source.close();
-      }
+      });
     }
   });
 
   test('PS256 when asked, an audience other than the token URL, a shorter lifetime', async () => {
-    const source = new TokenSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}\nassertion:\n  algorithm: PS256\n  audience: ${server.issuer}\n  lifetimeSeconds: 60`));
-    try {
+    await withSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}\nassertion:\n  algorithm: PS256\n  audience: ${server.issuer}\n  lifetimeSeconds: 60`), async (source) => {
       await source.fetch();
       const { payload, protectedHeader } = await jwtVerify(lastAssertion(), createPublicKey(keys.rsa8!.key));
       assert.equal(protectedHeader.alg, 'PS256');
       assert.equal(payload.aud, server.issuer);
       assert.equal(payload.exp, payload.iat! + 60);
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('a key and certificate replaced on disk are used by the next fetch, without a restart', async () => {
-    const keyFile = join(pki.dir, 'live.key');
-    const certFile = join(pki.dir, 'live.crt');
-    copyFileSync(keys.rsa8!.keyFile, keyFile);
-    copyFileSync(keys.rsa8!.certFile, certFile);
-    const source = new TokenSource(config(`privateKey: \${file:${keyFile}}\ncertificate: \${file:${certFile}}`));
-    try {
+    const { keyFile, certFile } = pki.copy(keys.rsa8!, 'live');
+    await withSource(config(`privateKey: \${file:${keyFile}}\ncertificate: \${file:${certFile}}`), async (source) => {
       await source.fetch();
       assert.equal(decodeProtectedHeader(lastAssertion())['x5t#S256'], thumbprints(keys.rsa8!.cert).s256);
-      copyFileSync(keys.next!.keyFile, keyFile);
-      copyFileSync(keys.next!.certFile, certFile);
+      pki.copy(keys.next!, 'live');
       await source.fetch();
       const assertion = lastAssertion();
       assert.equal(decodeProtectedHeader(assertion)['x5t#S256'], thumbprints(keys.next!.cert).s256);
       await jwtVerify(assertion, createPublicKey(keys.next!.key));
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('a key that does not match its certificate is a config error at start, by path', () => {
@@ -173,26 +155,19 @@ describe('private_key_jwt against oidc-provider over HTTPS', () => {
   test('a key rotated on disk to one its certificate does not match fails that fetch with a coded error, not a crash', async () => {
     const keyFile = join(pki.dir, 'drift.key');
     copyFileSync(keys.rsa8!.keyFile, keyFile);
-    const source = new TokenSource(config(`privateKey: \${file:${keyFile}}\ncertificate: \${file:${keys.rsa8!.certFile}}`));
-    try {
+    await withSource(config(`privateKey: \${file:${keyFile}}\ncertificate: \${file:${keys.rsa8!.certFile}}`), async (source) => {
       copyFileSync(keys.next!.keyFile, keyFile);
       await assert.rejects(source.fetch(), {
         name: 'ClientAuthError',
         code: 'OAUTH2_ERR_CLIENT_AUTH',
         message: `the private key of profile default (file ${keyFile}) does not match the certificate of profile default (file ${keys.rsa8!.certFile}), which is for CN=rsa8`,
       });
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('a file that cannot be read is OAUTH2_ERR_SECRET naming its path; one read but not usable is OAUTH2_ERR_CLIENT_AUTH', async () => {
-    const keyFile = join(pki.dir, 'moving.key');
-    const certFile = join(pki.dir, 'moving.crt');
-    copyFileSync(keys.rsa8!.keyFile, keyFile);
-    copyFileSync(keys.rsa8!.certFile, certFile);
-    const source = new TokenSource(config(`privateKey: \${file:${keyFile}}\ncertificate: \${file:${certFile}}`));
-    try {
+    const { keyFile, certFile } = pki.copy(keys.rsa8!, 'moving');
+    await withSource(config(`privateKey: \${file:${keyFile}}\ncertificate: \${file:${certFile}}`), async (source) => {
       rmSync(certFile);
       await assert.rejects(source.fetch(), {
         name: 'SecretReadError', code: 'OAUTH2_ERR_SECRET', message: `cannot read the certificate of profile default (file ${certFile}: ENOENT)`,
@@ -215,20 +190,11 @@ describe('private_key_jwt against oidc-provider over HTTPS', () => {
       });
       copyFileSync(keys.ec1!.keyFile, keyFile);
       await assert.rejects(source.fetch(), { name: 'ClientAuthError', code: 'OAUTH2_ERR_CLIENT_AUTH' });
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('the validator names what a method does not use, and what it needs', () => {
-    const problems = (text: string): string[] => {
-      try {
-        parseConfig(text, { env: {}, baseDir: pki.dir });
-      } catch (err) {
-        return (err as ConfigError).problems.map((p) => `${p.path}: ${p.message}`);
-      }
-      return [];
-    };
+    const problems = (text: string): string[] => configProblems(text, { env: {}, baseDir: pki.dir });
     assert.deepEqual(problems(`
 profiles:
   default:
@@ -275,22 +241,18 @@ profiles:
     clientId: orders-jwt
     privateKey: \${file:${keys.rsa8!.keyFile}}
 `, { env: {}, baseDir: pki.dir }).profiles.default!;
-    const source = new TokenSource(p);
-    try {
+    await withSource(p, async (source) => {
       await assert.rejects(source.fetch(), (err) => {
         assert.ok(err instanceof TokenNetworkError);
         assert.match(err.message, /^cannot reach the token endpoint https:\/\/127\.0\.0\.1:\d+ \((UNABLE_TO_VERIFY_LEAF_SIGNATURE|SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_GET_ISSUER_CERT_LOCALLY)\)$/);
         return true;
       });
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('the server rejecting the assertion is its OAuth2 error, with no assertion in it', async () => {
     const other = pki.client('unregistered', 'rsa-pkcs8');
-    const source = new TokenSource(config(`privateKey: \${file:${other.keyFile}}`));
-    try {
+    await withSource(config(`privateKey: \${file:${other.keyFile}}`), async (source) => {
       await assert.rejects(source.fetch(), (err) => {
         assert.ok(err instanceof TokenEndpointError);
         assert.equal(err.status, 401);
@@ -298,26 +260,18 @@ profiles:
         assert.ok(!err.message.includes(lastAssertion().split('.')[2]!));
         return true;
       });
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('HTTPS_PROXY: the request goes through the proxy as a CONNECT tunnel, and NO_PROXY bypasses it', async () => {
     const before = proxy.tunnels.length;
-    const viaProxy = new TokenSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}`, { HTTPS_PROXY: proxy.url }));
-    try {
+    await withSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}`, { HTTPS_PROXY: proxy.url }), async (viaProxy) => {
       await server.verify((await viaProxy.fetch()).accessToken);
       assert.deepEqual(proxy.tunnels.slice(before), [new URL(server.tokenUrl).host]);
-    } finally {
-      await viaProxy.close();
-    }
-    const bypass = new TokenSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}`, { https_proxy: proxy.url, NO_PROXY: 'localhost,127.0.0.1' }));
-    try {
+    });
+    await withSource(config(`privateKey: \${file:${keys.rsa8!.keyFile}}`, { https_proxy: proxy.url, NO_PROXY: 'localhost,127.0.0.1' }), async (bypass) => {
       await bypass.fetch();
       assert.equal(proxy.tunnels.length, before + 1);
-    } finally {
-      await bypass.close();
-    }
+    });
   });
 });

@@ -4,11 +4,11 @@
 import assert from 'node:assert/strict';
 import { createHash, X509Certificate } from 'node:crypto';
 import { copyFileSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { parseConfig, type ProfileConfig } from '../../src/config.ts';
-import { ConfigError, TokenEndpointError } from '../../src/errors.ts';
-import { TokenSource } from '../../src/token-source.ts';
+import { TokenEndpointError } from '../../src/errors.ts';
+import { withSource } from '../helpers/client-auth.ts';
+import { configProblems } from '../helpers/config.ts';
 import { startConnectProxy, type ConnectProxy } from '../helpers/connect-proxy.ts';
 import { startOAuthServer, type OAuthServer } from '../helpers/oauth-server.ts';
 import { createPki, type Issued, type Pki } from '../helpers/pki.ts';
@@ -62,8 +62,7 @@ const s256 = (pem: string): string => createHash('sha256').update(new X509Certif
 
 describe('tls_client_auth against oidc-provider (features.mTLS)', () => {
   test('the certificate goes on the connection, client_id in the form, and the token is bound to that certificate', async () => {
-    const source = new TokenSource(profile(first.certFile, first.keyFile));
-    try {
+    await withSource(profile(first.certFile, first.keyFile), async (source) => {
       const token = await source.fetch();
       const request = server.tokenRequests.at(-1)!;
       assert.equal(request.clientCertificate, 'CN=orders-mtls');
@@ -72,34 +71,21 @@ describe('tls_client_auth against oidc-provider (features.mTLS)', () => {
       const claims = await server.verify(token.accessToken);
       // RFC 8705 §3.1: the token carries the certificate's SHA-256 thumbprint.
       assert.deepEqual(claims.cnf, { 'x5t#S256': s256(first.cert) });
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('a certificate rotated on disk is presented on the next fetch, without a restart', async () => {
-    const certFile = join(pki.dir, 'live-mtls.crt');
-    const keyFile = join(pki.dir, 'live-mtls.key');
-    copyFileSync(first.certFile, certFile);
-    copyFileSync(first.keyFile, keyFile);
-    const source = new TokenSource(profile(certFile, keyFile));
-    try {
+    const { certFile, keyFile } = pki.copy(first, 'live-mtls');
+    await withSource(profile(certFile, keyFile), async (source) => {
       assert.deepEqual((await server.verify((await source.fetch()).accessToken)).cnf, { 'x5t#S256': s256(first.cert) });
-      copyFileSync(rotated.certFile, certFile);
-      copyFileSync(rotated.keyFile, keyFile);
+      pki.copy(rotated, 'live-mtls');
       assert.deepEqual((await server.verify((await source.fetch()).accessToken)).cnf, { 'x5t#S256': s256(rotated.cert) });
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('a pair rotated out of step is OAUTH2_ERR_CLIENT_AUTH; a missing file is OAUTH2_ERR_SECRET naming its path', async () => {
-    const certFile = join(pki.dir, 'step-mtls.crt');
-    const keyFile = join(pki.dir, 'step-mtls.key');
-    copyFileSync(first.certFile, certFile);
-    copyFileSync(first.keyFile, keyFile);
-    const source = new TokenSource(profile(certFile, keyFile));
-    try {
+    const { certFile, keyFile } = pki.copy(first, 'step-mtls');
+    await withSource(profile(certFile, keyFile), async (source) => {
       copyFileSync(rotated.certFile, certFile);
       await assert.rejects(source.fetch(), {
         name: 'ClientAuthError',
@@ -110,46 +96,31 @@ describe('tls_client_auth against oidc-provider (features.mTLS)', () => {
       await assert.rejects(source.fetch(), {
         name: 'SecretReadError', code: 'OAUTH2_ERR_SECRET', message: `cannot read the private key of profile default (file ${keyFile}: ENOENT)`,
       });
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('a certificate whose subject is not the registered one is refused by the server: invalid_client', async () => {
-    const source = new TokenSource(profile(stranger.certFile, stranger.keyFile));
-    try {
+    await withSource(profile(stranger.certFile, stranger.keyFile), async (source) => {
       await assert.rejects(source.fetch(), (err) => {
         assert.ok(err instanceof TokenEndpointError);
         assert.equal(err.status, 401);
         assert.equal(err.oauthError, 'invalid_client');
         return true;
       });
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('through an HTTPS_PROXY the client certificate still reaches the server, inside the tunnel', async () => {
     const before = proxy.tunnels.length;
-    const source = new TokenSource(profile(first.certFile, first.keyFile, { HTTPS_PROXY: proxy.url }));
-    try {
+    await withSource(profile(first.certFile, first.keyFile, { HTTPS_PROXY: proxy.url }), async (source) => {
       const claims = await server.verify((await source.fetch()).accessToken);
       assert.deepEqual(claims.cnf, { 'x5t#S256': s256(first.cert) });
       assert.deepEqual(proxy.tunnels.slice(before), [new URL(server.tokenUrl).host]);
-    } finally {
-      await source.close();
-    }
+    });
   });
 
   test('the validator: both files required, a mismatched pair and an http tokenUrl refused at start', () => {
-    const problems = (text: string): string[] => {
-      try {
-        parseConfig(text, { env: {}, baseDir: pki.dir });
-      } catch (err) {
-        return (err as ConfigError).problems.map((p) => `${p.path}: ${p.message}`);
-      }
-      return [];
-    };
+    const problems = (text: string): string[] => configProblems(text, { env: {}, baseDir: pki.dir });
     assert.deepEqual(problems(`
 profiles:
   default:

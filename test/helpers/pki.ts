@@ -2,7 +2,7 @@
 // 127.0.0.1/localhost, and client certificates whose keys come in the PEM forms people have
 // (PKCS#8 RSA, PKCS#1 RSA, SEC1 EC P-256). Everything lives in one temp folder.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -21,6 +21,11 @@ export interface Pki {
   client(name: string, keyForm: 'rsa-pkcs8' | 'rsa-pkcs1' | 'ec-sec1' | 'ec-pkcs8', cn?: string): Issued;
   /** A second, unrelated CA (for "not trusted" cases). */
   otherCa(): Issued;
+  /**
+   * Writes `issued`'s key and certificate to `<name>.key` and `<name>.crt` (over what is there:
+   * a rotation on disk) and returns them, for tests that change the files under a running source.
+   */
+  copy(issued: Issued, name: string): Issued;
   remove(): void;
 }
 
@@ -68,6 +73,12 @@ export function createPki(): Pki {
     },
     otherCa() {
       return selfSigned(`other-ca-${++others}`, 'some other CA');
+    },
+    copy(issued, name) {
+      const copied = { ...issued, keyFile: join(dir, `${name}.key`), certFile: join(dir, `${name}.crt`) };
+      copyFileSync(issued.keyFile, copied.keyFile);
+      copyFileSync(issued.certFile, copied.certFile);
+      return copied;
     },
     remove() {
       rmSync(dir, { recursive: true, force: true });
