@@ -47,18 +47,21 @@ after(async () => {
   pki.remove();
 });
 
-function config(extra: string, env: NodeJS.ProcessEnv = {}): ProfileConfig {
-  const text = `
+/** The config file of a private_key_jwt profile for orders-jwt, with `extra` in the profile (no tls.ca). */
+function configText(extra: string): string {
+  return `
 profiles:
   default:
     clientAuth: private_key_jwt
     tokenUrl: ${server.tokenUrl}
     clientId: orders-jwt
-    tls:
-      ca: \${file:${pki.ca.certFile}}
 ${extra.replace(/^/gm, '    ')}
 `;
-  return parseConfig(text, { env, baseDir: pki.dir }).profiles.default!;
+}
+
+/** That profile with `extra`, trusting the test CA. */
+function config(extra: string, env: NodeJS.ProcessEnv = {}): ProfileConfig {
+  return parseConfig(configText(`tls:\n  ca: \${file:${pki.ca.certFile}}\n${extra}`), { env, baseDir: pki.dir }).profiles.default!;
 }
 
 function lastAssertion(): string {
@@ -195,52 +198,23 @@ describe('private_key_jwt against oidc-provider over HTTPS', () => {
 
   test('the validator names what a method does not use, and what it needs', () => {
     const problems = (text: string): string[] => configProblems(text, { env: {}, baseDir: pki.dir });
-    assert.deepEqual(problems(`
-profiles:
-  default:
-    clientAuth: private_key_jwt
-    tokenUrl: ${server.tokenUrl}
-    clientId: orders-jwt
-    clientSecret: not-needed
-    tokenFile: /var/run/token
-`), [
+    assert.deepEqual(problems(configText('clientSecret: not-needed\ntokenFile: /var/run/token')), [
       'profiles.default.clientSecret: not used with clientAuth private_key_jwt',
       'profiles.default.privateKey: required with clientAuth private_key_jwt',
       'profiles.default.tokenFile: not used with clientAuth private_key_jwt',
     ]);
     writeFileSync(join(pki.dir, 'not-a-key.pem'), 'hello\n');
-    assert.deepEqual(problems(`
-profiles:
-  default:
-    clientAuth: private_key_jwt
-    tokenUrl: ${server.tokenUrl}
-    clientId: orders-jwt
-    privateKey: \${file:not-a-key.pem}
-    assertion: { algorithm: HS256 }
-`), [
+    assert.deepEqual(problems(configText('privateKey: ${file:not-a-key.pem}\nassertion: { algorithm: HS256 }')), [
       'profiles.default.assertion.algorithm: must be one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, ES512',
       'profiles.default.privateKey: is not a PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC; encrypted keys are not supported) (ERR_OSSL_UNSUPPORTED)',
     ]);
-    assert.deepEqual(problems(`
-profiles:
-  default:
-    clientAuth: private_key_jwt
-    tokenUrl: ${server.tokenUrl}
-    clientId: orders-jwt
-    privateKey: \${file:${keys.ec1!.keyFile}}
-    assertion: { algorithm: RS256 }
-`), ['profiles.default.assertion.algorithm: RS256 needs an RSA key, this is an EC key (prime256v1)']);
+    assert.deepEqual(problems(configText(`privateKey: \${file:${keys.ec1!.keyFile}}\nassertion: { algorithm: RS256 }`)), [
+      'profiles.default.assertion.algorithm: RS256 needs an RSA key, this is an EC key (prime256v1)',
+    ]);
   });
 
   test('without tls.ca the private CA is not trusted: a coded network error', async () => {
-    const p = parseConfig(`
-profiles:
-  default:
-    clientAuth: private_key_jwt
-    tokenUrl: ${server.tokenUrl}
-    clientId: orders-jwt
-    privateKey: \${file:${keys.rsa8!.keyFile}}
-`, { env: {}, baseDir: pki.dir }).profiles.default!;
+    const p = parseConfig(configText(`privateKey: \${file:${keys.rsa8!.keyFile}}`), { env: {}, baseDir: pki.dir }).profiles.default!;
     await withSource(p, async (source) => {
       await assert.rejects(source.fetch(), (err) => {
         assert.ok(err instanceof TokenNetworkError);
