@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { startSidecar } from '../helpers/sidecar.ts';
 import { headerValues } from '../helpers/echo-backend.ts';
 import { ENVOY_MISSING, eventually, findEnvoy, send } from '../helpers/envoy.ts';
-import { assertNoKey, bearer, defaultAndReports, FORGED, freePort as closedPort, KEY, useStack } from '../helpers/e2e-stack.ts';
+import { assertNoKey, bearer, clustersWithoutSidecar, defaultAndReports, FORGED, freePort as closedPort, KEY, useStack } from '../helpers/e2e-stack.ts';
 
 const skip = findEnvoy() === undefined && !process.env.CI ? ENVOY_MISSING : false;
 
@@ -84,7 +84,7 @@ describe('ext_authz denies', { skip }, () => {
 describe('ext_authz with the sidecar down', { skip }, () => {
   const stack = useStack({
     idp: false,
-    envoy: { config: 'envoy-ext-authz.yaml', clusters: async ({ backend }) => ({ oauth2_extproc: `127.0.0.1:${await closedPort()}`, backend: backend.address }) },
+    envoy: { config: 'envoy-ext-authz.yaml', clusters: clustersWithoutSidecar },
   });
 
   test('Envoy fails closed (503), the backend never reached; the filter-less /healthz still works', async () => {

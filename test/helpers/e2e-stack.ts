@@ -73,6 +73,11 @@ export async function startHttpBackend(handler: RequestListener): Promise<HttpBa
   };
 }
 
+/** Envoy's clusters when no sidecar runs: oauth2_extproc at a port nothing listens on. */
+export async function clustersWithoutSidecar({ backend }: { backend: Backend }): Promise<Record<string, ClusterTarget>> {
+  return { oauth2_extproc: `127.0.0.1:${await freePort()}`, backend: backend.address };
+}
+
 interface Backend {
   address: string;
   close(): Promise<void>;
@@ -102,9 +107,9 @@ export interface StackOptions<B extends Backend> {
   /** Starts the backend; by default an echo backend that keeps every request. */
   backend?: () => Promise<B>;
   /** Starts the sidecar (after the IdP and the backend); absent: no sidecar runs. */
-  sidecar?: (stack: Stack<B>) => Promise<SidecarProcess>;
+  sidecar?: (stack: Stack<NoInfer<B>>) => Promise<SidecarProcess>;
   /** The shipped config Envoy runs, and where its clusters go (by default the sidecar's gRPC address and the backend). */
-  envoy: Omit<StartEnvoyOptions, 'clusters'> & { clusters?: (stack: Stack<B>) => Record<string, ClusterTarget> | Promise<Record<string, ClusterTarget>> };
+  envoy: Omit<StartEnvoyOptions, 'clusters'> & { clusters?: (stack: Stack<NoInfer<B>>) => Record<string, ClusterTarget> | Promise<Record<string, ClusterTarget>> };
   /** How the sidecar is stopped after the suite (SIGTERM by default). */
   sidecarStopSignal?: NodeJS.Signals;
 }
