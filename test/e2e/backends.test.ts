@@ -8,7 +8,8 @@ import { after, before, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect, type ClientHttp2Session } from 'node:http2';
 import { startOAuthServer, type OAuthServer } from '../helpers/oauth-server.ts';
-import { profileFor, startSidecar, type SidecarProcess } from '../helpers/sidecar.ts';
+import { startSidecar, type SidecarProcess } from '../helpers/sidecar.ts';
+import { defaultAndReports } from '../helpers/e2e-stack.ts';
 import { ENVOY_MISSING, findEnvoy, send, startEnvoy, type EnvoyProcess } from '../helpers/envoy.ts';
 import { findPhp, PHP_MISSING, startPhpBackend, type FrameworkBackend } from '../helpers/php-backend.ts';
 import { findPython, PYTHON_MISSING, startWsgiBackend } from '../helpers/wsgi-backend.ts';
@@ -34,15 +35,7 @@ before(async () => {
   idp = await startOAuthServer();
   sidecar = await startSidecar({
     config: {
-      profiles: {
-        default: profileFor(idp),
-        reports: profileFor(idp, {
-          clientId: idp.clients.basic.clientId,
-          clientSecret: idp.clients.basic.clientSecret,
-          clientAuth: 'client_secret_basic',
-          resource: REPORTS_AUDIENCE,
-        }),
-      },
+      profiles: defaultAndReports(idp),
     },
   });
   for (const [name, framework] of Object.entries(FRAMEWORKS) as Array<[Framework, (typeof FRAMEWORKS)[Framework]]>) {

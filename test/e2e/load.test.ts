@@ -4,13 +4,13 @@
 // stream ends with a reset on long-lived HTTP/2 connections, which is where Node's HTTP/2
 // "rapid reset" limiter (GOAWAY after ~1,000 resets per connection) would fail requests.
 // Bounded in time and count, loopback only, no timing assertions.
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Pool } from 'undici';
-import { startOAuthServer, type OAuthServer } from '../helpers/oauth-server.ts';
-import { profileFor, startSidecar, type SidecarProcess } from '../helpers/sidecar.ts';
-import { startEchoBackend, type EchoBackend } from '../helpers/echo-backend.ts';
-import { ENVOY_MISSING, findEnvoy, startEnvoy, type EnvoyProcess } from '../helpers/envoy.ts';
+import { profileFor, startSidecar } from '../helpers/sidecar.ts';
+import { startEchoBackend } from '../helpers/echo-backend.ts';
+import { ENVOY_MISSING, findEnvoy } from '../helpers/envoy.ts';
+import { useStack } from '../helpers/e2e-stack.ts';
 
 const skip = findEnvoy() === undefined && !process.env.CI ? ENVOY_MISSING : false;
 const DURATION_MS = 20_000;
@@ -56,27 +56,15 @@ async function load(url: string): Promise<LoadResult> {
 
 for (const config of ['envoy.yaml', 'envoy-minimal.yaml']) {
   describe(`sustained load through ${config}`, { skip }, () => {
-    let idp: OAuthServer;
-    let backend: EchoBackend;
-    let sidecar: SidecarProcess;
-    let envoy: EnvoyProcess;
-
-    before(async () => {
-      idp = await startOAuthServer();
-      backend = await startEchoBackend({ keep: 0 });
-      sidecar = await startSidecar({ config: { profiles: { default: profileFor(idp) } } });
-      envoy = await startEnvoy({ config, clusters: { oauth2_extproc: sidecar.grpcAddress, backend: backend.address } });
-    });
-    after(async () => {
-      await envoy?.stop();
-      await sidecar?.stop();
-      await backend?.close();
-      await idp?.close();
+    const stack = useStack({
+      backend: () => startEchoBackend({ keep: 0 }),
+      sidecar: ({ idp }) => startSidecar({ config: { profiles: { default: profileFor(idp) } } }),
+      envoy: { config },
     });
 
     test('every request succeeds with the token injected and the key removed', async (t) => {
-      const result = await load(envoy.url);
-      const stats = await envoy.stats('(ext_proc\\.|cluster\\.oauth2_extproc\\.upstream_(cx_total|cx_destroy|rq_total|rq_pending_overflow|rq_rx_reset|rq_tx_reset))');
+      const result = await load(stack.envoy.url);
+      const stats = await stack.envoy.stats('(ext_proc\\.|cluster\\.oauth2_extproc\\.upstream_(cx_total|cx_destroy|rq_total|rq_pending_overflow|rq_rx_reset|rq_tx_reset))');
       const pick = (suffix: string): number => stats[Object.keys(stats).find((k) => k.endsWith(suffix)) ?? ''] ?? 0;
       t.diagnostic(`${config}: ${result.sent} requests in ${result.seconds.toFixed(1)} s (${Math.round(result.sent / result.seconds)}/s) over ${CONNECTIONS} connections, ${IN_FLIGHT} in flight; `
         + `statuses ${JSON.stringify(Object.fromEntries(result.statuses))}, errors ${JSON.stringify(Object.fromEntries(result.errors))}; `
@@ -87,10 +75,10 @@ for (const config of ['envoy.yaml', 'envoy-minimal.yaml']) {
       assert.deepEqual(Object.fromEntries(result.errors), {});
       assert.deepEqual(Object.fromEntries(result.statuses), { 200: result.sent });
       // From the backend's side: every request arrived, each with a valid token, none with the key.
-      assert.equal(backend.tally.total, result.sent);
-      assert.equal(backend.tally.watched, 0, 'no request carried ocp-apim-subscription-key');
-      assert.ok(!backend.tally.authorization.has('Bearer forged') && !backend.tally.authorization.has('<none>'));
-      for (const value of backend.tally.authorization.keys()) await idp.verify(value.replace(/^Bearer /, ''));
+      assert.equal(stack.backend.tally.total, result.sent);
+      assert.equal(stack.backend.tally.watched, 0, 'no request carried ocp-apim-subscription-key');
+      assert.ok(!stack.backend.tally.authorization.has('Bearer forged') && !stack.backend.tally.authorization.has('<none>'));
+      for (const value of stack.backend.tally.authorization.keys()) await stack.idp.verify(value.replace(/^Bearer /, ''));
       // Envoy's side of the ext_proc streams.
       assert.equal(pick('ext_proc.streams_started'), result.sent);
       for (const name of ['ext_proc.streams_failed', 'ext_proc.message_timeouts', 'ext_proc.spurious_msgs_received', 'ext_proc.failure_mode_allowed', 'upstream_cx_destroy_remote_with_active_rq', 'upstream_rq_pending_overflow']) {
