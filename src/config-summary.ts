@@ -2,6 +2,7 @@
 // what is safe to show (lengths, key types, certificate subjects and thumbprints, paths).
 import { certificateFacts, defaultAlgorithm, loadCertificate, loadPrivateKey } from './client-auth/keys.ts';
 import type { Config, ProfileConfig, SecretValue } from './config-types.ts';
+import { DEFAULT_ASSERTION_LIFETIME_SECONDS } from './client-auth/private-key-jwt.ts';
 
 /** What `check-config` prints: every setting, no secret. */
 export function describeConfig(config: Config): string {
@@ -54,7 +55,7 @@ function describeClientAuth(p: ProfileConfig): string[] {
     case 'private_key_jwt':
       lines.push(`clientId: ${read(p.clientId)}`, ...describeKeys(p));
       if (p.keyId !== undefined) lines.push(`keyId: ${p.keyId}`);
-      lines.push(`assertion: aud ${p.assertion?.audience ?? p.tokenUrl}, lifetime ${p.assertion?.lifetimeSeconds ?? 300}s`);
+      lines.push(`assertion: aud ${p.assertion?.audience ?? p.tokenUrl}, lifetime ${p.assertion?.lifetimeSeconds ?? DEFAULT_ASSERTION_LIFETIME_SECONDS}s`);
       break;
     case 'tls_client_auth':
       lines.push(`clientId: ${read(p.clientId)}`, ...describeKeys(p));

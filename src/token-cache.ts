@@ -5,7 +5,7 @@ import type { ProfileConfig, RefreshConfig } from './config.ts';
 import { TokenEndpointError, TokenFetchError, TokenResponseError, describeError } from './errors.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics } from './metrics.ts';
-import type { Token } from './token.ts';
+import { authorizationValue, type Token } from './token.ts';
 import { MAX_LIFETIME_SECONDS } from './token-response.ts';
 
 /** An endpoint's Retry-After is honoured up to this; beyond it, it is more likely a mistake. */
@@ -277,19 +277,17 @@ export class TokenCache {
   }
 
   #fetchEnded(error: TokenFetchError | undefined): void {
-    for (const listener of [...this.#fetchEndListeners]) {
-      try {
-        listener(error);
-      } catch (err) {
-        this.#logger.error({ profile: this.#profile.name, error: describeError(err) }, 'token listener failed');
-      }
-    }
+    this.#callEach(this.#fetchEndListeners, error);
   }
 
   #notify(token: Token | undefined): void {
-    for (const listener of [...this.#listeners]) {
+    this.#callEach(this.#listeners, token);
+  }
+
+  #callEach<T>(listeners: Iterable<(value: T) => void>, value: T): void {
+    for (const listener of [...listeners]) {
       try {
-        listener(token);
+        listener(value);
       } catch (err) {
         // A listener's bug must not stop the others or the refresh cycle.
         this.#logger.error({ profile: this.#profile.name, error: describeError(err) }, 'token listener failed');
@@ -389,7 +387,7 @@ function sane(token: Token, maxTokenBytes: number): Token | TokenResponseError {
   if (!Number.isFinite(obtainedAt) || !Number.isFinite(expiresAt) || expiresAt <= obtainedAt) {
     return new TokenResponseError('the token has no valid lifetime');
   }
-  const bytes = Buffer.byteLength(token.tokenType) + 1 + Buffer.byteLength(token.accessToken);
+  const bytes = Buffer.byteLength(authorizationValue(token));
   if (bytes > maxTokenBytes) {
     return new TokenResponseError(`the token is ${bytes} bytes as a header value, more than maxTokenBytes (${maxTokenBytes}): Envoy would refuse requests carrying it`);
   }

@@ -3,6 +3,7 @@
 // status, headers, body and the moment it arrived go in; a Token or an error comes out.
 import { TokenEndpointError, TokenResponseError } from './errors.ts';
 import { formEncode } from './form-encoding.ts';
+import { decodeJwtParts } from './jwt-parts.ts';
 import type { Token } from './token.ts';
 
 /** A token response is a few KB; an answer larger than this is not one (and not read whole). */
@@ -141,14 +142,8 @@ function positiveSeconds(value: unknown): number | undefined {
 
 /** `exp` of a JWS compact token, read without verifying it (we only need a lifetime hint). */
 function jwtExp(token: string): number | undefined {
-  const parts = token.split('.');
-  if (parts.length !== 3 || parts[1] === undefined) return undefined;
-  try {
-    const claims: unknown = JSON.parse(Buffer.from(parts[1], 'base64url').toString('utf8'));
-    return isObject(claims) && typeof claims.exp === 'number' && Number.isFinite(claims.exp) ? claims.exp : undefined;
-  } catch {
-    return undefined;
-  }
+  const exp = decodeJwtParts(token)?.claims.exp;
+  return typeof exp === 'number' && Number.isFinite(exp) ? exp : undefined;
 }
 
 /** RFC 9110 §10.2.3: delay-seconds or an HTTP-date (resolved against the injected clock). */

@@ -12,3 +12,8 @@ export interface Token {
   /** Entra's `refresh_in` (seconds after obtainedAt), when the endpoint sent one. */
   readonly refreshInSeconds: number | undefined;
 }
+
+/** The header value that carries the token: `${tokenType} ${accessToken}`, e.g. "Bearer eyJ…". */
+export function authorizationValue(token: Token): string {
+  return `${token.tokenType} ${token.accessToken}`;
+}

@@ -16,7 +16,7 @@ import type { Metrics, RequestOutcome } from '../metrics.ts';
 import { denyAnswer } from '../policy/deny.ts';
 import { HeaderNamePolicy } from '../policy/header-names.ts';
 import { QueryNamePolicy, type ByteString } from '../policy/query-names.ts';
-import type { Token } from '../token.ts';
+import { authorizationValue, type Token } from '../token.ts';
 import { authzService, encodeCheckResponse, type PeekedCheck } from './ext-authz-wire.ts';
 
 export { authzService };
@@ -92,7 +92,7 @@ class ProfilePolicy {
     const headers: HeaderOption[] = [];
     // With no token (onFailure: allow) the caller's own value goes, so it never passes as ours.
     if (token === undefined) remove.push(this.config.header);
-    else headers.push(option(this.config.header, `${token.tokenType} ${token.accessToken}`));
+    else headers.push(option(this.config.header, authorizationValue(token)));
     return { status: { code: 0 }, ok_response: { headers, headers_to_remove: remove, query_parameters_to_remove: parameters } };
   }
 

@@ -11,7 +11,7 @@ import type { ProfileConfig } from '../config.ts';
 import type { DenyReason } from '../errors.ts';
 import { denyAnswer } from '../policy/deny.ts';
 import type { ByteString } from '../policy/query-names.ts';
-import type { Token } from '../token.ts';
+import { authorizationValue, type Token } from '../token.ts';
 
 export interface HeaderValueOption {
   header: { key: string; raw_value: Buffer };
@@ -54,7 +54,7 @@ export interface RequestChanges {
  * apply the request's own changes (a new `:path`, more headers to remove).
  */
 export function injectToken(profile: ProfileConfig, token: Token, changes: RequestChanges = {}): ProcessingResponse {
-  const set = [setHeader(profile.header, `${token.tokenType} ${token.accessToken}`)];
+  const set = [setHeader(profile.header, authorizationValue(token))];
   if (changes.path !== undefined) set.push(setPath(changes.path));
   return {
     request_headers: {

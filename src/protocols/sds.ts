@@ -10,10 +10,10 @@
 import { Metadata, status as grpcStatus, type ServerDuplexStream, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import type { ProfileConfig } from '../config.ts';
 import type { Logger } from '../logger.ts';
-import type { Token } from '../token.ts';
+import { authorizationValue, type Token } from '../token.ts';
 import { loadService, messageType, packAny, type AnyMessage } from './wire.ts';
 
-export const SDS_SERVICE_NAME = 'envoy.service.secret.v3.SecretDiscoveryService';
+const SDS_SERVICE_NAME = 'envoy.service.secret.v3.SecretDiscoveryService';
 export const SECRET_TYPE_URL = 'type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret';
 export const sdsService = loadService('envoy/service/secret/v3/sds.proto', SDS_SERVICE_NAME);
 const secretType = messageType('envoy/extensions/transport_sockets/tls/v3/secret.proto', 'envoy.extensions.transport_sockets.tls.v3.Secret');
@@ -153,7 +153,7 @@ export class SdsService {
   /** The secret's value: the whole header value, or empty when there is no usable token. */
   private value(name: string): string {
     const token = this.profiles.get(name)?.tokens.current();
-    return token === undefined ? '' : `${token.tokenType} ${token.accessToken}`;
+    return token === undefined ? '' : authorizationValue(token);
   }
 
   private secret(name: string): AnyMessage {
