@@ -4,11 +4,8 @@
 // stop a client that resets streams far faster than Envoy does (CVE-2023-44487, "rapid reset").
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import * as grpc from '@grpc/grpc-js';
-import { injectToken } from '../src/protocols/ext-proc-mutation.ts';
-import { encodeResponse, extProcService } from '../src/protocols/ext-proc-wire.ts';
-import { parseConfig } from '../src/config.ts';
 import { LIMITS } from '../src/grpc-listener.ts';
+import { startBareServer } from '../bench/bare-server.ts';
 import { resetFlood } from './helpers/grpc-attacks.ts';
 import { ExtProcClient, requestHeaders, setHeaders, TYPICAL_HEADERS } from './helpers/extproc-client.ts';
 import { churn } from './helpers/load.ts';
@@ -49,23 +46,11 @@ test(`the sidecar answers ${STREAMS} streams reset by the client on one connecti
 });
 
 test('control: a grpc-js server with Node\'s default reset limits fails under the same churn', async () => {
-  // Shows the test above can fail: a server that answers the same way, on grpc-js's own HTTP/2
-  // server with Node's default reset limits.
-  const config = parseConfig(`profiles: { default: { tokenUrl: 'https://idp.test/t', clientId: a, clientSecret: b } }`, { env: {} });
-  const token = { accessToken: 't', tokenType: 'Bearer', obtainedAt: 0, expiresAt: 1, refreshInSeconds: undefined };
-  const reply = encodeResponse(injectToken(config.profiles.default!, token));
-  const server = new grpc.Server();
-  server.addService(extProcService, {
-    Process: (call: grpc.ServerDuplexStream<unknown, Buffer>) => {
-      call.on('data', () => call.write(reply));
-      call.on('end', () => call.end());
-      call.on('error', () => {});
-    },
-  });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
+  // Shows the test above can fail: the bench's bare server answers the same way, on grpc-js's
+  // own HTTP/2 server with Node's default reset limits.
+  const { address, server } = await startBareServer();
   try {
-    const result = await churn(`127.0.0.1:${port}`, { streams: STREAMS, concurrency: CONCURRENCY });
+    const result = await churn(address, { streams: STREAMS, concurrency: CONCURRENCY });
     assert.ok(result.failed > 0, `expected GOAWAY failures without the raised limits, got ${JSON.stringify(result)}`);
   } finally {
     server.forceShutdown();

@@ -3,7 +3,6 @@
 // as bytes; requests are only peeked at for which oneof they carry, and searched in their raw
 // bytes for what could change the answer (a removed query parameter in `:path`, another
 // spelling of a removed header's name): only a hit pays for more.
-import type { ServiceDefinition } from '@grpc/grpc-js';
 import { loadSync, type MethodDefinition } from '@grpc/proto-loader';
 import protobuf from 'protobufjs';
 import type { HeaderNamePolicy } from '../policy/header-names.ts';
@@ -188,20 +187,3 @@ function varint(n: number): number[] {
   out.push(n);
   return out;
 }
-
-/**
- * The ExternalProcessor service with the fast codec: requests are peeked, replies are bytes
- * already encoded by encodeResponse().
- */
-export const extProcService: ServiceDefinition = {
-  Process: {
-    path: PROCESS_PATH,
-    requestStream: true,
-    responseStream: true,
-    originalName: 'process',
-    requestSerialize: (value: object) => processMethod.requestSerialize(value),
-    requestDeserialize: peekRequest,
-    responseSerialize: (value: EncodedReply) => value,
-    responseDeserialize: (bytes: Buffer) => processMethod.responseDeserialize(bytes),
-  },
-};

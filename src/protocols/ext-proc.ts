@@ -11,8 +11,8 @@ import type { Logger } from '../logger.ts';
 import type { Metrics, RequestOutcome } from '../metrics.ts';
 import { HeaderNamePolicy } from '../policy/header-names.ts';
 import { QueryNamePolicy, type ByteString } from '../policy/query-names.ts';
-import { decodeRequest, encodeResponse, findPath, HeaderSpellingScanner, messageText, peekRequest, REQUEST_KIND_NAMES, type EncodedReply, type PeekedRequest, type RequestKind } from './ext-proc-wire.ts';
-import type { GrpcCall } from './grpc-stream.ts';
+import { decodeRequest, encodeResponse, findPath, HeaderSpellingScanner, messageText, peekRequest, REQUEST_KIND_NAMES, type PeekedRequest, type RequestKind } from './ext-proc-wire.ts';
+import { grpcMessage, type GrpcCall } from './grpc-stream.ts';
 import type { Token } from '../token.ts';
 
 export const PROFILE_METADATA_KEY = 'x-oauth2-profile';
@@ -41,8 +41,15 @@ interface Session {
   sawRequestHeaders: boolean;
 }
 
-const EMPTY_REPLIES = new Map<RequestKind, EncodedReply>(
-  REQUEST_KIND_NAMES.map((kind) => [kind, encodeResponse(emptyReply(kind))]),
+/** A ProcessingResponse encoded and framed: what GrpcCall.write sends as it is. */
+type Reply = Buffer;
+
+function encodeReply(response: object): Reply {
+  return grpcMessage(encodeResponse(response));
+}
+
+const EMPTY_REPLIES = new Map<RequestKind, Reply>(
+  REQUEST_KIND_NAMES.map((kind) => [kind, encodeReply(emptyReply(kind))]),
 );
 
 /** A configured profile's `request_headers` answers per outcome, read by /metrics when scraped. */
@@ -56,7 +63,7 @@ function zeroCounts(): OutcomeCounts {
 /** The `request_headers` answer of one profile, re-encoded only when its token changes. */
 class ProfileAnswer {
   private token: Token | undefined;
-  private reply: EncodedReply;
+  private reply: Reply;
   private outcome: ProfileOutcome;
   readonly counts: OutcomeCounts = zeroCounts();
   readonly config: ProfileConfig;
@@ -78,11 +85,11 @@ class ProfileAnswer {
     this.outcome = this.noTokenOutcome();
   }
 
-  answer(request: PeekedRequest): EncodedReply {
+  answer(request: PeekedRequest): Reply {
     const token = this.tokens.current();
     if (token !== this.token) {
       this.token = token;
-      this.reply = token === undefined ? this.encodeWithout() : encodeResponse(injectToken(this.config, token));
+      this.reply = token === undefined ? this.encodeWithout() : encodeReply(injectToken(this.config, token));
       this.outcome = token === undefined ? this.noTokenOutcome() : 'injected';
     }
     const reply = this.replyFor(request, token);
@@ -109,11 +116,11 @@ class ProfileAnswer {
    * spelling of a removed header and nothing in its query that could be a removed parameter
    * (QueryNamePolicy.mayMatch: a byte scan and a substring search), and stays on it.
    */
-  private replyFor(request: PeekedRequest, token: Token | undefined): EncodedReply {
+  private replyFor(request: PeekedRequest, token: Token | undefined): Reply {
     if (token === undefined && this.config.onFailure === 'deny') return this.reply;
     const changes = this.changesFor(request);
     if (changes === undefined) return this.reply;
-    return encodeResponse(token === undefined ? continueWithoutToken(this.config, changes) : injectToken(this.config, token, changes));
+    return encodeReply(token === undefined ? continueWithoutToken(this.config, changes) : injectToken(this.config, token, changes));
   }
 
   /** What this request needs beyond the prebuilt reply, or undefined when nothing. */
@@ -129,8 +136,8 @@ class ProfileAnswer {
     return path === undefined && removeHeaders === undefined ? undefined : { path, removeHeaders };
   }
 
-  private encodeWithout(): EncodedReply {
-    return encodeResponse(this.config.onFailure === 'allow'
+  private encodeWithout(): Reply {
+    return encodeReply(this.config.onFailure === 'allow'
       ? continueWithoutToken(this.config)
       : deny(this.config.failureStatus, 'noToken', this.config.name));
   }
@@ -148,8 +155,8 @@ export class ExtProcService {
   private readonly answers = new Map<string, ProfileAnswer>();
   private readonly logger: Logger;
   /** Deny answers for names Envoy sent that are not configured (bounded: they come from Envoy's config). */
-  private readonly unknownProfileReplies = new Map<string, EncodedReply>();
-  private readonly internalErrorReply = encodeResponse(deny(500, 'internal', ''));
+  private readonly unknownProfileReplies = new Map<string, Reply>();
+  private readonly internalErrorReply = encodeReply(deny(500, 'internal', ''));
   private readonly unknownProfilesLogged = new Set<string>();
   private readonly unknownProfileCounts = new Map<string, number>();
   private openStreams = 0;
@@ -250,7 +257,7 @@ export class ExtProcService {
       this.unknownProfileCounts.set(counted, (this.unknownProfileCounts.get(counted) ?? 0) + 1);
       let reply = this.unknownProfileReplies.get(name);
       if (reply === undefined) {
-        reply = encodeResponse(deny(500, 'unknownProfile', name));
+        reply = encodeReply(deny(500, 'unknownProfile', name));
         if (this.unknownProfileReplies.size < UNKNOWN_PROFILES_TRACKED) this.unknownProfileReplies.set(name, reply);
       }
       call.write(reply);
@@ -259,7 +266,7 @@ export class ExtProcService {
     const reply = answer.answer(request);
     call.write(reply);
     if (answer.config.refresh.onBackendStatus.length > 0) session.carried = answer.lastToken;
-    if (this.logger.isLevelEnabled('debug')) this.logRequest(request, profileName, answer.outcomeName);
+    if (this.logger.isLevelEnabled('debug')) this.logRequest(request, profileName, answer);
   }
 
   /** A route that sends response headers: did the backend refuse the token this request carried? */
@@ -273,7 +280,7 @@ export class ExtProcService {
     if (Number.isInteger(status)) answer.backendAnswered(token, status);
   }
 
-  private logRequest(request: PeekedRequest, profile: string, outcome: RequestOutcome): void {
+  private logRequest(request: PeekedRequest, profile: string, answer: ProfileAnswer): void {
     const headers = decodeRequest(request.bytes).request_headers?.headers?.headers ?? [];
     const names = new Set<string>();
     let method = '';
@@ -285,18 +292,17 @@ export class ExtProcService {
       // The query may carry a subscription key: log the path without it, never a query value.
       if (key === ':path') path = headerValue(h).split('?')[0] ?? '';
     }
-    const answer = this.answers.get(profile);
-    const config = answer?.config;
+    const { config } = answer;
     this.logger.debug({
       profile,
-      outcome,
+      outcome: answer.outcomeName,
       method,
       path,
       // Names only, never values: which of the headers we overwrite or remove the client sent,
       // under their own names or another spelling.
-      clientSent: config === undefined ? [] : [
+      clientSent: [
         ...[config.header, ...config.removeHeaders].filter((n) => names.has(n)),
-        ...answer!.headerNames.otherSpellings(names),
+        ...answer.headerNames.otherSpellings(names),
       ],
     }, 'request_headers answered');
   }
@@ -312,7 +318,7 @@ function pathOf(request: PeekedRequest): ByteString | undefined {
 }
 
 /** Envoy ≥1.27 sends `raw_value`; older ones `value`. Read raw_value when it is not empty. */
-export function headerValue(header: { value?: string; raw_value?: Buffer | Uint8Array }): string {
+function headerValue(header: { value?: string; raw_value?: Buffer | Uint8Array }): string {
   const raw = header.raw_value;
   if (raw !== undefined && raw.length > 0) return Buffer.from(raw).toString('utf8');
   return header.value ?? '';

@@ -104,15 +104,15 @@ export class GrpcCall {
     return this.trailers !== undefined || this.stream.destroyed || this.stream.closed;
   }
 
-  /** Sends one message: `payload` as it goes on the wire, without the gRPC prefix. */
-  write(payload: Buffer): void {
+  /** Sends one message, framed with its prefix by grpcMessage(). */
+  write(message: Buffer): void {
     if (this.done) return;
     if (!this.headersSent) {
       this.headersSent = true;
       this.stream.respond(RESPONSE_HEADERS, { waitForTrailers: true });
       this.stream.on('wantTrailers', onWantTrailers);
     }
-    this.stream.write(framed(payload));
+    this.stream.write(message);
   }
 
   /** Ends the call with status OK, after every reply written. */
@@ -296,24 +296,19 @@ function destroyWithError(stream: ServerHttp2Stream): void {
 export function ignore(): void {}
 
 /**
- * The message with its gRPC prefix. Almost every reply is one Buffer built ahead of time (per
- * token, per kind) and written to stream after stream: each is framed once.
+ * A message with its gRPC prefix, as GrpcCall.write sends it. Replies built ahead of time (per
+ * token, per kind) are framed then, once.
  */
-const framedReplies = new WeakMap<Buffer, Buffer>();
-
-function framed(payload: Buffer): Buffer {
-  let out = framedReplies.get(payload);
-  if (out !== undefined) return out;
-  out = Buffer.allocUnsafe(PREFIX_BYTES + payload.length);
+export function grpcMessage(payload: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(PREFIX_BYTES + payload.length);
   out[0] = 0;
   out.writeUInt32BE(payload.length, 1);
   payload.copy(out, PREFIX_BYTES);
-  framedReplies.set(payload, out);
   return out;
 }
 
 /** grpc-message: percent-encoded UTF-8, printable ASCII kept (gRPC over HTTP/2, "Responses"). */
-export function percentEncode(text: string): string {
+function percentEncode(text: string): string {
   let out = '';
   for (const byte of Buffer.from(text, 'utf8')) {
     out += byte >= 0x20 && byte <= 0x7e && byte !== 0x25 ? String.fromCharCode(byte) : `%${byte.toString(16).toUpperCase().padStart(2, '0')}`;
