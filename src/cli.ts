@@ -182,7 +182,8 @@ async function fetchOneToken(config: Config, profileName: string, io: Io): Promi
   let sent: Record<string, unknown> | undefined;
   const source = new TokenSource(profile, { onCredentials: (details) => (sent = details) });
   // A managed identity's endpoint is among what the method describes.
-  const endpoint = profile.clientAuth === 'managed_identity' ? [] : [`token endpoint: ${profile.tokenUrl}`];
+  // Without its query: one may carry a key.
+  const endpoint = profile.clientAuth === 'managed_identity' ? [] : [`token endpoint: ${withoutQuery(profile.tokenUrl)}`];
   try {
     const token = await source.fetch();
     const lines = [
@@ -243,4 +244,10 @@ function describeSent(method: string, details: Record<string, unknown> | undefin
     lines.push(`certificate thumbprints: x5t#S256=${c.x5tS256} x5t=${c.x5t} (SHA-1 ${c.sha1Hex})`);
   }
   return lines;
+}
+
+/** A token URL (checked by the config) without its query. */
+function withoutQuery(url: string): string {
+  const u = new URL(url);
+  return `${u.origin}${u.pathname}`;
 }

@@ -4,14 +4,12 @@ import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
 import { LineCounter, parseDocument } from 'yaml';
-import { ASSERTION_ALGORITHMS } from './client-auth/keys.ts';
 import { CLIENT_AUTH_KEYS, isLoopback, parseClientAuth } from './config-client-auth.ts';
 import type { Config, LogLevel, ProfileConfig, ProxyConfig, RefreshConfig, ServerConfig } from './config-types.ts';
 import { isPlainObject, Validator } from './config-validator.ts';
 import { ConfigError, type ConfigProblem } from './errors.ts';
 
 export * from './config-types.ts';
-export { ASSERTION_ALGORITHMS };
 
 export const DEFAULT_PROFILE = 'default';
 export const SUBSCRIPTION_KEY_HEADER = 'ocp-apim-subscription-key';

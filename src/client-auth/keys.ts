@@ -43,7 +43,7 @@ export function algorithmMismatch(algorithm: AssertionAlgorithm, key: KeyObject)
     : `${algorithm} needs an EC key on ${Object.entries(CURVE_ALGORITHM).find(([, a]) => a === algorithm)?.[0]}, this is ${describeKey(key)}`;
 }
 
-export function describeKey(key: KeyObject): string {
+function describeKey(key: KeyObject): string {
   const d = key.asymmetricKeyDetails;
   if (key.asymmetricKeyType === 'rsa') return `an RSA key (${d?.modulusLength ?? '?'} bits)`;
   if (key.asymmetricKeyType === 'ec') return `an EC key (${d?.namedCurve ?? '?'})`;

@@ -47,7 +47,7 @@ const FOLDS_TO_ASCII: Record<string, string> = { '\u017f': 's', '\u212a': 'k', '
  * char for one char elsewhere (U+0130, the one char whose lower case is two, is mapped first), so
  * that a long name costs two native passes instead of a loop per char.
  */
-export function foldForAscii(name: string): string {
+function foldForAscii(name: string): string {
   return name.replace(/[\u017f\u212a\u0131\u0130]/g, (c) => FOLDS_TO_ASCII[c]!).toLowerCase();
 }
 
